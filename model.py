@@ -13,13 +13,16 @@ Codebook sites (GPTConfig.codebook_sites, comma-separated), in every layer or in
     python model.py        # builds the FSM model with codebooks and prints its modules and sizes
 """
 
+import json
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from codebook import CodebookLayer
 
@@ -330,9 +333,6 @@ PYTHIA_SKIP = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")
 def pythia_config(path, **overrides):
     """GPTConfig from a GPT-NeoX/Pythia config.json, old (rotary_pct, rotary_emb_base) or new
     (rope_parameters / partial_rotary_factor, rope_theta) names; `overrides` are GPTConfig fields."""
-    import json
-    import os
-
     file = os.path.join(path, "config.json")
     with open(file) as f:
         hf = json.load(f)
@@ -377,11 +377,6 @@ def pythia_config(path, **overrides):
 
 def pythia_state_dict(path):
     """({key: tensor}, {key: file}) of a GPT-NeoX checkpoint directory, single file or sharded."""
-    import json
-    import os
-
-    from safetensors.torch import load_file
-
     def load(file):
         if not os.path.exists(file):
             raise FileNotFoundError(f"{file}: shard listed in the index is missing")

@@ -4,6 +4,7 @@ Tokenize TinyStories or WikiText-103 into flat uint16 token files for train.py's
 
     python data/prepare.py tinystories   # downloads TinyStories-{train,valid}.txt (HF roneneldan/TinyStories)
     python data/prepare.py wikitext      # downloads wikitext-103-v1 (HF `datasets` if installed, else the zip)
+    python data/prepare.py pythia --model=EleutherAI/pythia-70m-deduped   # weights for train.py --init_from
 
 From local files, offline, e.g. the copies in ../shared/data (run from the repository root):
 
@@ -38,6 +39,10 @@ Documents:
   downloaded), the splits are train/valid/test as published. Given only --valid and --test (the shared
   copies), valid is split by article: every 10th article (the 10th, 20th, ...) goes to val, the other 90%
   to train; test stays test.
+
+`pythia` fetches config.json, the weights (model.safetensors, else pytorch_model.bin) and tokenizer.json of a
+Hugging Face GPT-NeoX repo into --out (default data/<name>, e.g. data/pythia-70m-deduped), the directory that
+`train.py --init_from=DIR` and `GPT.from_pythia(DIR)` read; huggingface_hub if installed, else urllib.
 
 Errors (a missing file, a failed download, a tokenizer that is not r50k_base) stop with one line.
 """
@@ -196,6 +201,30 @@ def wikitext_download(raw):
     return paths
 
 
+def pythia_download(repo, out):
+    """config.json, weights and tokenizer.json of the HF repo (e.g. EleutherAI/pythia-70m-deduped) in out/.
+    Returns out. Files already in out/ are kept. Raises PrepareError when a download fails (offline, no
+    such repo, or neither model.safetensors nor pytorch_model.bin)."""
+    os.makedirs(out, exist_ok=True)
+    hint = f"or copy a download of {repo} (config.json, model.safetensors, tokenizer.json) into {out}"
+
+    def get(name):  # into out/name, atomically
+        dest = os.path.join(out, name)
+        if not os.path.exists(dest):
+            src = hf_file(repo, name, "model", out, hint)
+            if os.path.abspath(src) != os.path.abspath(dest):
+                shutil.copy(src, dest + ".part")
+                os.replace(dest + ".part", dest)
+
+    get("config.json")
+    get("tokenizer.json")
+    if not any(os.path.exists(os.path.join(out, w)) for w in ("model.safetensors", "pytorch_model.bin")):
+        try:
+            get("model.safetensors")
+        except PrepareError:  # older repos ship only the pickle
+            get("pytorch_model.bin")
+    return out
+
 # ---------------------------------------------------------------------------------------------- documents
 def tinystories_docs(path):
     """Yield the stories of a TinyStories text file (see the module docstring for the rule), stripped."""
@@ -286,6 +315,14 @@ def need_file(flag, path):
 def prepare(args):
     """Tokenize one dataset into args.out; returns meta (also written to args.out/meta.json)."""
     here = os.path.dirname(os.path.abspath(__file__))
+    if args.dataset == "pythia":
+        if not args.model:
+            raise PrepareError("pythia needs --model=REPO, e.g. --model=EleutherAI/pythia-70m-deduped")
+        out = args.out or os.path.join(here, args.model.rstrip("/").split("/")[-1])
+        print(f"{args.model} -> {pythia_download(args.model, out)}")
+        return None
+    if args.model:
+        raise PrepareError("--model is for `pythia`; tinystories and wikitext take text files")
     out = args.out or os.path.join(here, args.dataset)
     os.makedirs(out, exist_ok=True)
     if args.dataset == "tinystories":
@@ -347,13 +384,14 @@ def prepare(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset", choices=["tinystories", "wikitext"])
+    p.add_argument("dataset", choices=["tinystories", "wikitext", "pythia"])
     p.add_argument("--train", help="a local train text file (both datasets)")
     p.add_argument("--val", help="tinystories: a local validation text file")
     p.add_argument("--valid", help="wikitext: a local wiki.valid.tokens")
     p.add_argument("--test", help="wikitext: a local wiki.test.tokens")
     p.add_argument("--tokenizer", help="a local r50k_base.tiktoken (tinystories) or tokenizer.json (wikitext)")
-    p.add_argument("--out", help="output directory (default data/<dataset>)")
+    p.add_argument("--model", default="", help="pythia: a HF repo, e.g. EleutherAI/pythia-70m-deduped")
+    p.add_argument("--out", help="output directory (default data/<dataset>, or data/<model name> for pythia)")
     try:
         prepare(p.parse_args(argv))
     except PrepareError as e:

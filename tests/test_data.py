@@ -192,6 +192,21 @@ def test_prepare_errors_are_one_line(tmp_path):
     r = run("data/prepare.py", ["tinystories", f"--tokenizer={GPT2_FILE}", f"--out={tmp_path / 'o'}"],
             HF_HUB_OFFLINE="1")  # nothing given: it would download; offline it says so
     assert_one_line_error(r, "offline", "--train=")
+    r = run("data/prepare.py", ["pythia", "--model=EleutherAI/pythia-70m-deduped", f"--out={tmp_path / 'p'}"],
+            HF_HUB_OFFLINE="1")
+    assert_one_line_error(r, "offline", "pythia-70m-deduped", "config.json")
+    r = run("data/prepare.py", ["pythia", f"--out={tmp_path / 'p'}"])
+    assert_one_line_error(r, "--model=")
+
+
+def test_pythia_download_keeps_local_files(tmp_path, no_network):
+    """A directory that already holds a download is returned as it is: nothing is fetched or overwritten."""
+    from data.prepare import pythia_download
+
+    for name, text in (("config.json", "{}"), ("tokenizer.json", "{}"), ("pytorch_model.bin", "w")):
+        (tmp_path / name).write_text(text)
+    assert pythia_download("EleutherAI/pythia-70m-deduped", str(tmp_path)) == str(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "pytorch_model.bin", "tokenizer.json"]
 
 
 # ---------------------------------------------------------------------------------------------- train.py

@@ -182,8 +182,9 @@ class CodebookLayer(nn.Module):
     def kmeans_init(self, a):
         """Spherical (cosine) k-means of a (N, G, d) into the codes, computed on rank 0 and broadcast.
 
-        Centroids are means of their members, so codes keep the activations' scale. With fewer tokens
-        than codes, points are drawn with replacement and jittered.
+        Centroids are means of their members, divided by k: the output sums k codes, so k codes near an
+        activation then add up to its scale (cosine scores ignore the factor). With fewer tokens than
+        codes, points are drawn with replacement and jittered.
         """
         self.kmeans_pending = False
         N, G, d = a.shape
@@ -203,11 +204,13 @@ class CodebookLayer(nn.Module):
                 sums.index_add_(0, flat.flatten(), a.reshape(N * G, d))
                 n = torch.bincount(flat.flatten(), minlength=G * self.num_codes).view(G, -1, 1)
                 codes.copy_(torch.where(n > 0, sums.view_as(codes) / n.clamp(min=1), codes))
+            codes.div_(self.k)
         _rank0_broadcast(codes)
 
     @torch.no_grad()
     def replace_dead_codes(self, noise=0.1):
-        """Replace codes unused since the last call by noisy activations of the latest training batch.
+        """Replace codes unused since the last call by noisy activations of the latest training batch,
+        divided by k (as kmeans_init: k summed codes make one activation).
 
         Dead codes are those with `recent == 0` (identical on all ranks after `sync_counts`). New vectors
         are drawn on rank 0 and broadcast. Resets `recent`. Returns the number of codes replaced.
@@ -222,7 +225,7 @@ class CodebookLayer(nn.Module):
                 a = self._last_a.transpose(0, 1)  # (G, N, d)
                 pick = torch.randint(a.shape[1], (self.groups, self.num_codes), device=a.device)
                 new = a.gather(1, pick.unsqueeze(-1).expand(-1, -1, a.shape[-1]))  # (G, M, d)
-                new = new + noise * new.std() * torch.randn_like(new)
+                new = (new + noise * new.std() * torch.randn_like(new)) / self.k
                 codes.copy_(torch.where(dead.unsqueeze(-1), new, codes))
             _rank0_broadcast(codes)
         self.recent.zero_()

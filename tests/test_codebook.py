@@ -201,9 +201,10 @@ def _clustered(n_clusters=6, d=8, n=600, spread=0.05):
     return centers[torch.arange(n) % n_clusters] + spread * torch.randn(n, d)
 
 
-def test_kmeans_init_codes_are_means_of_assigned_points():
+@pytest.mark.parametrize("k", [1, 3])
+def test_kmeans_init_codes_are_means_of_assigned_points(k):
     x = _clustered()
-    layer = CodebookLayer(8, 6, k=1, layernorm=False)
+    layer = CodebookLayer(8, 6, k=k, layernorm=False)
     layer.eval()
     layer.request_kmeans_init(iters=20)
     layer(x)
@@ -213,8 +214,18 @@ def test_kmeans_init_codes_are_means_of_assigned_points():
     assert not layer.kmeans_pending
     codes = layer.codes.detach()[0]
     assign = layer.topk_codes(x.view(-1, 1, 8), k=1).view(-1)
-    for m in assign.unique().tolist():
-        torch.testing.assert_close(codes[m], x[assign == m].mean(0), atol=1e-5, rtol=1e-5)
+    for m in assign.unique().tolist():  # divided by k, the number of codes the output sums
+        torch.testing.assert_close(k * codes[m], x[assign == m].mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_kmeans_init_k_codes_sum_to_the_activation_scale():
+    """One tight cluster and k = num_codes = 4: every token sums all 4 codes, which add up to the token."""
+    x = _clustered(n_clusters=1, spread=0.01)
+    layer = CodebookLayer(8, 4, k=4, layernorm=False)
+    layer.request_kmeans_init()
+    out = layer(x)
+    assert layer.recon_loss < 1e-3 * x.pow(2).mean()
+    torch.testing.assert_close(out.detach(), x, atol=0.05, rtol=0)
 
 
 def test_kmeans_init_reduces_recon_error_vs_random_init():

@@ -7,14 +7,15 @@ roneneldan/TinyStories-1Layer-21M with per-head attention codebooks (k=8 of 10,0
     torchrun --standalone --nproc_per_node=4 train.py config/tinystories.py
     python sample.py --out_dir=out-tinystories --start="Once upon a time"
 
-On a CPU, scaled down (the TinyStories heads in ../shared/data; a few minutes on 2 cores):
+On a CPU, scaled down (the TinyStories heads in ../shared/data; the README's runs, ~30 min each on 2 cores):
 
     python data/prepare.py tinystories --train=../shared/data/tinystories/tinystories_train_head.txt \\
         --val=../shared/data/tinystories/tinystories_valid_head.txt \\
         --tokenizer=../shared/data/tokenizers/gpt2/r50k_base.tiktoken
-    python train.py config/tinystories.py --device=cpu --n_embd=64 --n_head=4 --block_size=64 --num_codes=256 \\
-        --k=4 --batch_size=16 --gradient_accumulation_steps=1 --max_iters=200 --warmup_iters=20 \\
-        --eval_interval=100 --eval_iters=5 --log_interval=20 --out_dir=out-tinystories-cpu
+    python train.py config/tinystories.py --device=cpu --n_embd=256 --n_head=8 --block_size=128 --batch_size=16 \\
+        --gradient_accumulation_steps=1 --max_iters=600 --warmup_iters=50 --eval_interval=200 --eval_iters=20 \\
+        --log_interval=50 --codebook_start=300 --kmeans_init=true --out_dir=out-tinystories-cpu
+    # no codebooks: --codebook_sites=   MLP codebooks: --codebook_sites=mlp --k=100
 
 1 layer, d=1024, 16 heads of 64, MLP 4096, block 512, GPT-2 BPE (50,257 tokens), learned positions, tied
 embeddings. Batch 128 x 512 tokens, split into micro-batches of 32 (its 50k-way logits are the memory).

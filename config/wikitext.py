@@ -3,9 +3,12 @@ codebooks in every layer, k=8 of 10,000 codes, block 1024, lr 5e-4; for a GPU.
 
 init_from must name a local Pythia/GPT-NeoX download (config.json + model.safetensors or pytorch_model.bin);
 the placeholder below stops with a clear error until it does. Its tokenizer.json is the one to prepare with.
+Without network, scripts/random_pythia.py writes a random-weight directory of pythia-70m's shape, which
+exercises this whole path (the README's run) but learns nothing about Pythia.
 
-    python data/prepare.py wikitext --tokenizer=PATH/TO/pythia-70m-deduped/tokenizer.json   # once
-    python train.py config/wikitext.py --init_from=PATH/TO/pythia-70m-deduped
+    python data/prepare.py pythia --model=EleutherAI/pythia-70m-deduped      # once: data/pythia-70m-deduped
+    python data/prepare.py wikitext --tokenizer=data/pythia-70m-deduped/tokenizer.json   # once
+    python train.py config/wikitext.py --init_from=data/pythia-70m-deduped
     torchrun --standalone --nproc_per_node=4 train.py config/wikitext.py --init_from=PATH/TO/pythia-410m
     python sample.py --out_dir=out-wikitext --start=" The history of"
 
@@ -14,7 +17,7 @@ On a CPU, scaled down (the WikiText-103 valid/test copies in ../shared/data, a s
     python data/prepare.py wikitext --valid=../shared/data/wikitext/wikitext-103/wiki.valid.tokens \\
         --test=../shared/data/wikitext/wikitext-103/wiki.test.tokens \\
         --tokenizer=../shared/data/tokenizers/gpt-neox/tokenizer.json
-    python train.py config/wikitext.py --init_from=PATH/TO/pythia-70m-deduped --device=cpu --block_size=128 \\
+    python train.py config/wikitext.py --init_from=data/pythia-70m-deduped --device=cpu --block_size=128 \\
         --num_codes=256 --batch_size=4 --gradient_accumulation_steps=1 --max_iters=50 --warmup_iters=5 \\
         --eval_interval=25 --eval_iters=4 --log_interval=5 --out_dir=out-wikitext-cpu
 

@@ -23,7 +23,10 @@ TokFSM concepts (D digits per state; position t >= 1 of a sequence holds digit (
   (state i, that digit d) = S * 10 + d, the pair that decides the rest of the next state.
 For each concept and book, precision P = #(code fires and label) / #(code fires) and recall
 R = #(code fires and label) / #(label), over the readout positions. A concept "owns" a code with P >= 0.9 and
-R >= 0.9. A state's code is its best code by F1 over the MLP books; the neuron baseline (paper Fig. 6a) is,
+R >= 0.9. Two readouts are reported:
+- every state of every sequence (all positions): the strict one, a code must name the state wherever it occurs;
+- the first state only (BOS + the state's digits, position D; "state + digit" at D + 1): the authors'
+  protocol, which partitions the inputs "BOS + 2 digits" (and "+ 3 digits") by the code they get. A state's code is its best code by F1 over the MLP books; the neuron baseline (paper Fig. 6a) is,
 for that state, the single MLP neuron (post-GELU activation of mlp.c_fc, any layer) with the highest
 precision when thresholded so that its recall matches the code's.
 """
@@ -58,7 +61,7 @@ class AnalyzeConfig:
     num_seqs: int = 4096  # TokFSM: sequences of the fixed eval set (seed 1234) to read codes on
     dataset: Optional[str] = None  # LM: a data/prepare.py directory; None = the checkpoint's
     max_tokens: int = 200_000  # LM: tokens of consecutive val windows to read codes on
-    batch_size: int = 256
+    batch_size: int = 256  # sequences per forward (LM: fewer, so that the logits stay within 256 MiB)
     regex: str = ""  # LM: rank codes as detectors of the tokens this regex matches
     topics: str = ",".join(TOPICS)  # LM: topics to find codes for (names from TOPICS or NAME=REGEX)
     window: int = 16  # LM: a code's context is this many tokens either side of it
@@ -237,7 +240,12 @@ def fsm_analysis(col, fsm, model=None, device="cpu", batch_size=256):
             counts, P, R = precision_recall(codes, labels, L, cb.num_codes)
             seen = torch.bincount(labels, minlength=L) > 0
             owned = ((P >= 0.9) & (R >= 0.9)).any(1) & seen
-            entry[concept] = {"owned": int(owned.sum()), "of": int(seen.sum())}
+            at = cols == cols.min()  # the first state (the authors' protocol)
+            _, P1, R1 = precision_recall(codes[at], labels[at], L, cb.num_codes)
+            seen1 = torch.bincount(labels[at], minlength=L) > 0
+            owned1 = ((P1 >= 0.9) & (R1 >= 0.9)).any(1) & seen1
+            entry[concept] = {"owned": int(owned.sum()), "of": int(seen.sum()), "owned_first": int(owned1.sum()),
+                              "of_first": int(seen1.sum()), "owned_first_states": owned1.nonzero().flatten().tolist()}
             tables[concept][book] = counts
             for c, found in top_concepts(counts, P, R, names[concept]).items():
                 concepts.setdefault(book, {}).setdefault(c, []).extend(found)
@@ -258,8 +266,11 @@ def fsm_analysis(col, fsm, model=None, device="cpu", batch_size=256):
         M = cb.num_codes  # every site has GPTConfig.num_codes codes
         book = [list(mlp)[c // M] for c in code.tolist()]
         owned = set().union(*[summary["books"][b]["state"]["owned_states"] for b in mlp])
+        owned1 = set().union(*[summary["books"][b]["state"]["owned_first_states"] for b in mlp])
         seen = (torch.bincount(reads["state"][2], minlength=S) > 0).nonzero().flatten()  # states in the data
-        summary["mlp"] = {"states_owning_code": len(owned), "of": len(seen), "mean_precision": P[seen].mean().item(),
+        summary["mlp"] = {"states_owning_code": len(owned), "of": len(seen), "states_owning_code_first": len(owned1),
+                          "of_first": summary["books"][list(mlp)[0]]["state"]["of_first"],
+                          "mean_precision": P[seen].mean().item(),
                           "mean_recall": R[seen].mean().item(),
                           "per_state": [{"state": s, "book": book[s], "code": int(code[s]) % M,
                                          "precision": float(P[s]), "recall": float(R[s])} for s in seen.tolist()]}
@@ -489,16 +500,21 @@ def report_fsm(cfg, col, model, fsm, device):
                os.path.join(cfg.save_dir, "fsm_tables.pt"))  # sparse (L, M) counts: .to_dense() to read
     with open(os.path.join(cfg.save_dir, "fsm.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"\nconcepts owning a code with P >= 0.9 and R >= 0.9 (of those seen):\n"
-          f"  {'book':22s} {'states':>9s} {'state+digit':>12s} {'mean P of best':>15s}")
+    print(f"\nconcepts owning a code with P >= 0.9 and R >= 0.9 (of those seen), read at every state | at the "
+          f"first state:\n  {'book':22s} {'states':>9s} {'state+digit':>12s} {'mean P of best':>15s} | "
+          f"{'states':>9s} {'state+digit':>12s}")
     for b, e in summary["books"].items():
-        print(f"  {b:22s} {e['state']['owned']:4d}/{e['state']['of']:<4d} {e['state_digit']['owned']:6d}/"
-              f"{e['state_digit']['of']:<5d} {100 * e['state']['mean_precision']:14.1f}%")
+        st, sd = e["state"], e["state_digit"]
+        print(f"  {b:22s} {st['owned']:4d}/{st['of']:<4d} {sd['owned']:6d}/{sd['of']:<5d} "
+              f"{100 * st['mean_precision']:14.1f}% | {st['owned_first']:4d}/{st['of_first']:<4d} "
+              f"{sd['owned_first']:6d}/{sd['of_first']:<5d}")
     if "mlp" not in summary:
         return concepts
     m = summary["mlp"]
-    print(f"\nstates owning an MLP code: {m['states_owning_code']} of {m['of']}; state codes (best F1 over MLP "
-          f"books): mean precision {100 * m['mean_precision']:.1f}%, mean recall {100 * m['mean_recall']:.1f}%")
+    print(f"\nstates owning an MLP code: {m['states_owning_code']} of {m['of']} read at every state, "
+          f"{m['states_owning_code_first']} of {m['of_first']} at the first state (the authors' protocol)")
+    print(f"state codes (best F1 over MLP books, every state): mean precision {100 * m['mean_precision']:.1f}%, "
+          f"mean recall {100 * m['mean_recall']:.1f}%")
     for b, e in summary["books"].items():
         if "mlp" in b:
             pos = e["state"]["owned_at_one_position"]
@@ -574,8 +590,9 @@ def main(argv):
         if is_fsm:  # the fixed eval set of train.py
             batches = fsm.eval_set(cfg.num_seqs, T)[0].split(cfg.batch_size)
         else:
+            rows = max(1, min(cfg.batch_size, 2**26 // (T * model.config.vocab_size)))  # logits <= 256 MiB
             batches = lm_batches(load_tokens(cfg.dataset or tc["dataset"], T, model.config.vocab_size)[1], T,
-                                 cfg.max_tokens, cfg.batch_size)
+                                 cfg.max_tokens, rows)
         col = collect_codes(model, batches, device)
         torch.save(col, os.path.join(cfg.save_dir, "codes.pt"))
     col["books"] = books(model)

@@ -117,6 +117,27 @@ def test_fsm_analysis_finds_perfect_state_codes():
     assert summary["books"]["h.0.mlp_cb"]["state_digit"]["owned"] == 0  # one code per state, not per digit
 
 
+def test_fsm_analysis_first_state_readout_ignores_a_split_by_position():
+    """Codes that name the state but change with position (code = state at positions 2-8, state + 20 after):
+    at every state no code reaches recall 0.9; at the first state (the authors' protocol) every state owns one."""
+    fsm = TokFSM(num_states=20, num_edges=3)
+    x = fsm.sample_tokens(256, 17, torch.Generator().manual_seed(0))
+    states = fsm.tokens_to_states(x[:, 1:])  # (256, 8): last digits at positions 2, 4, ..., 16
+    codes = torch.full((256, 17, 1, 1), 45, dtype=torch.int16)
+    codes[:, 2:9:2, 0, 0] = states[:, :4]
+    codes[:, 10::2, 0, 0] = states[:, 4:] + 20
+    cb = SimpleNamespace(num_codes=50, k=1)
+    col = {"tokens": x, "codes": {"h.0.mlp_cb": codes}, "books": [("h.0.mlp_cb", "h.0.mlp_cb", 0, cb)]}
+    m = analyze.fsm_analysis(col, fsm)[0]["mlp"]
+    first = states[:, 0].unique()
+    assert m["states_owning_code_first"] == m["of_first"] == len(first) >= 18
+    early = torch.bincount(states[:, :4].flatten(), minlength=20).float()
+    late = torch.bincount(states[:, 4:].flatten(), minlength=20).float()
+    share = torch.maximum(early, late) / (early + late).clamp(min=1)  # recall of the state's better code
+    want = int(((share >= 0.9) & (early + late > 0)).sum())  # only states that hardly occur late (or early)
+    assert m["states_owning_code"] == want < len(first) - 10 and m["mean_precision"] == 1
+
+
 # ---------------------------------------------------------------------------------------------- language
 VOCAB = ["Once", " upon", " a", " dra", "gon", " cat", ".", " fire"]
 

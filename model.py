@@ -221,7 +221,7 @@ class GPT(nn.Module):
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None, cache=None, last_only=False):
         """Logits and loss.
 
         Args:
@@ -229,11 +229,14 @@ class GPT(nn.Module):
             targets: (B, T) or None; -1 is ignored.
             cache: None, or a list of n_layer dicts filled with keys/values for cached generation
                 (then T must be 1 once the cache holds anything).
+            last_only: unembed the last position only, logits (B, 1, vocab_size) (generation; no targets).
         Returns:
             logits (B, T, vocab_size); loss = CE + recon_coef * sum of codebook reconstruction losses
             (None without targets); terms = {"ce": CE, "recon": sum of reconstruction losses} (detached).
         """
         B, T = idx.size()
+        if last_only and targets is not None:
+            raise ValueError("last_only computes the last position's logits only: it takes no targets")
         start = cache[0]["k"].size(2) if cache and "k" in cache[0] else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
@@ -244,6 +247,8 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             x = block(x, pos, cache[i] if cache is not None else None)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C): a 50k-token vocabulary makes the other positions' logits the cost
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
         if targets is None:
             return logits, None, {}
@@ -278,7 +283,7 @@ class GPT(nn.Module):
         temperature 0 is greedy. Past block_size the context is cropped and recomputed each step.
         """
         cache = [dict() for _ in self.transformer.h]
-        logits, _, _ = self(idx[:, -self.config.block_size :], cache=cache)
+        logits, _, _ = self(idx[:, -self.config.block_size :], cache=cache, last_only=True)
         for _ in range(max_new_tokens):
             logits = logits[:, -1, :]  # (B, vocab_size)
             if temperature == 0:
@@ -292,7 +297,7 @@ class GPT(nn.Module):
             idx = torch.cat((idx, nxt), dim=1)
             if idx.size(1) > self.config.block_size:  # full window: recompute without the cache
                 cache = None
-                logits, _, _ = self(idx[:, -self.config.block_size :])
+                logits, _, _ = self(idx[:, -self.config.block_size :], last_only=True)
             else:
                 logits, _, _ = self(nxt, cache=cache)
         return idx

@@ -118,6 +118,18 @@ def test_cached_logits_equal_full_forward():
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_last_only_logits_are_the_last_position_of_the_full_forward():
+    model = GPT(tiny(codebook_sites="attn_heads,mlp")).eval()
+    idx = torch.randint(11, (3, 9))
+    with torch.no_grad():
+        full, _, _ = model(idx)
+        last, _, _ = model(idx, last_only=True)
+    assert last.shape == (3, 1, 11)
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="takes no targets"):
+        model(idx, targets=idx, last_only=True)
+
+
 def test_generate_top_k_one_equals_greedy():
     model = GPT(tiny(codebook_sites="mlp")).eval()
     prompt = torch.randint(11, (4, 3))

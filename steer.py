@@ -37,7 +37,8 @@ Then, averaged over the pairs:
 Site groups: all (attention + MLP codebooks), mlp, attn, and each layer alone.
 
 TinyStories topic steering (paper Table 3): 4 prompts x 10 samples of 200 tokens at temperature 1, with and
-without the topic's codes forced; success = the topic's regex (analyze.TOPICS) matches the sample.
+without the topic's codes forced (its best code, or the best `codes_per_topic`, as analyze.py ranks them);
+success = the topic's regex (analyze.TOPICS) matches the sample.
 Errors (an unknown site, head or code) stop with one line naming it and listing what exists.
 """
 
@@ -78,6 +79,7 @@ class SteerConfig:
     patch: str = "state+next"  # fsm: positions patched: "last", "state" or "state+next" (module docstring)
     topic_codes: str = ""  # topics: JSON {topic: [BOOK:CODE, ...]} as written by analyze.py
     topics: str = ",".join(TOPICS)  # topics: the topics to steer towards
+    codes_per_topic: int = 1  # topics: force each topic's best N codes (the paper's Table 3: one)
     samples_per_prompt: int = 10  # topics: samples per prompt (4 prompts)
     dataset: Optional[str] = None  # LM: the data/prepare.py directory; None = the checkpoint's
     eval_seqs: int = 2048  # ablate: eval sequences (TokFSM) or val windows (LM)
@@ -435,12 +437,15 @@ def main(argv):
         with open(cfg.topic_codes) as f:
             found = json.load(f)
         topics = {t: TOPICS.get(t, t) for t in cfg.topics.split(",") if t}
-        codes = {t: parse_codes(model, ",".join(found.get(t, [])[:1])) for t in topics}  # the best code per topic
+        if cfg.codes_per_topic < 1:
+            raise ConfigError(f"codes_per_topic={cfg.codes_per_topic} must be >= 1")
+        codes = {t: parse_codes(model, ",".join(found.get(t, [])[: cfg.codes_per_topic])) for t in topics}
         res, samples = topic_steering(model, codec, codes, topics, cfg.samples_per_prompt, cfg.max_new_tokens,
                                       cfg.temperature, cfg.seed, cfg.mode)
         print(f"  {'topic':10s} {'baseline':>9s} {'steered':>8s}  code")
         for t, r in res.items():
-            print(f"  {t:10s} {100 * r['baseline']:8.1f}% {100 * r['steered']:7.1f}%  {','.join(found.get(t, [])[:1]) or '-'}")
+            print(f"  {t:10s} {100 * r['baseline']:8.1f}% {100 * r['steered']:7.1f}%  "
+                  f"{','.join(found.get(t, [])[: cfg.codes_per_topic]) or '-'}")
     elif cfg.task == "ablate":
         if not ablate:
             raise ConfigError("--task=ablate needs --ablate=BOOK:CODE,...")

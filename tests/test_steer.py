@@ -232,13 +232,18 @@ def test_cli_language_model_topics_and_ablation(tmp_path, capsys):
     run_dir.mkdir()
     torch.save({"model": model.state_dict(), "model_config": asdict(model.config), "optimizer": {}, "rng": {},
                 "train_config": asdict(TrainConfig(dataset=str(data))), "iter_num": 0}, run_dir / "ckpt.pt")
-    (tmp_path / "topics.json").write_text(json.dumps({"dragon": ["h.0.attn.codebook:1:3"], "princess": []}))
+    (tmp_path / "topics.json").write_text(json.dumps({"dragon": ["h.0.attn.codebook:1:3", "h.0.attn.codebook:0:5"],
+                                                      "princess": []}))
     steer.main([f"--out_dir={run_dir}", "--task=topics", f"--topic_codes={tmp_path / 'topics.json'}",
                 "--topics=dragon,princess", "--samples_per_prompt=2", "--max_new_tokens=20", "--device=cpu",
                 f"--save={tmp_path / 'topics_out.json'}"])
     res = json.loads((tmp_path / "topics_out.json").read_text())["results"]
     assert set(res) == {"dragon", "princess"} and res["dragon"]["codes"] == 1 and res["princess"]["codes"] == 0
     assert all(0 <= r[k] <= 1 for r in res.values() for k in ("baseline", "steered"))
+    steer.main([f"--out_dir={run_dir}", "--task=topics", f"--topic_codes={tmp_path / 'topics.json'}",
+                "--topics=dragon", "--codes_per_topic=2", "--samples_per_prompt=1", "--max_new_tokens=4",
+                "--device=cpu", f"--save={tmp_path / 'topics_out.json'}"])
+    assert json.loads((tmp_path / "topics_out.json").read_text())["results"]["dragon"]["codes"] == 2
     steer.main([f"--out_dir={run_dir}", "--task=ablate", "--ablate=h.0.attn.codebook:0:1,h.0.attn.codebook:0:2",
                 "--ablate_to=zero", "--eval_seqs=8", "--device=cpu"])
     out = capsys.readouterr().out

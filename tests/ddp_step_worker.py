@@ -33,8 +33,8 @@ class RecordingGPT(train.GPT):
         optimizers.append(super().configure_optimizers(*args, **kwargs))
         return optimizers[-1]
 
-    def forward(self, idx, targets=None, cache=None):
-        logits, loss, terms = super().forward(idx, targets, cache)
+    def forward(self, idx, targets=None, cache=None, last_only=False):
+        logits, loss, terms = super().forward(idx, targets, cache, last_only)
         if self.training and targets is not None:
             losses.append([loss.item(), terms["ce"].item(), terms["recon"].item()])
         return logits, loss, terms

@@ -323,10 +323,10 @@ def test_resume_continues_the_data_stream(path, fx, tmp_path, monkeypatch):
     seen = []
 
     class Recording(train.GPT):
-        def forward(self, idx, targets=None, cache=None):
+        def forward(self, idx, targets=None, cache=None, last_only=False):
             if self.training and targets is not None:
                 seen.append(idx.clone())
-            return super().forward(idx, targets, cache)
+            return super().forward(idx, targets, cache, last_only)
 
     monkeypatch.setattr(train, "GPT", Recording)
     args = [*TINY, *data_args(path, fx), "--gradient_accumulation_steps=2", "--eval_interval=3", "--log_interval=3",
@@ -386,8 +386,8 @@ def test_nan_policy(policy, tmp_path, monkeypatch):
     calls = []
 
     class Poisoned(train.GPT):
-        def forward(self, idx, targets=None, cache=None):
-            logits, loss, terms = super().forward(idx, targets, cache)
+        def forward(self, idx, targets=None, cache=None, last_only=False):
+            logits, loss, terms = super().forward(idx, targets, cache, last_only)
             if self.training and targets is not None:
                 calls.append(1)
                 if len(calls) in bad:

@@ -95,7 +95,9 @@ class TrainConfig:
     kmeans_init: bool = True  # initialise codes by cosine k-means on their first batch
     kmeans_iters: int = 10
     replace_after: int = 0  # replace codes unused for this many steps by noisy activations; 0 = off
-    codebook_start: int = 1200  # train with the codebooks bypassed until this iteration, then switch them on
+    # train with the codebooks bypassed until this iteration, then switch them on. 150: just as the loss leaves
+    # ln 10, so that the states are learned through the codes (README: later switches split states into codes)
+    codebook_start: int = 150
     # system
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     dtype: str = "auto"  # "auto" (bf16 autocast on CUDA, else fp32), "float32", "bfloat16"

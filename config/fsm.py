@@ -18,7 +18,8 @@ config = dict(
     num_codes=10_000,
     k=1,
     # the paper trains with its codebooks from the first step; the laptop recipe (README) instead warms up
-    # without them: add --codebook_start=2000 --kmeans_init=true --replace_after=50 --codebook_lr=1e-2
+    # without them until the loss starts to leave ln 10 (step 150 there): add --codebook_start=N
+    # --kmeans_init=true --codebook_lr=1e-2 with N that step of this run
     codebook_start=0,
     kmeans_init=False,
     replace_after=0,

@@ -7,7 +7,7 @@ roneneldan/TinyStories-1Layer-21M with per-head attention codebooks (k=8 of 10,0
     torchrun --standalone --nproc_per_node=4 train.py config/tinystories.py
     python sample.py --out_dir=out-tinystories --start="Once upon a time"
 
-On a CPU, scaled down (the TinyStories heads in ../shared/data; the README's runs, ~40 min each on one core):
+On a CPU, scaled down (the TinyStories heads in ../shared/data; the README's runs: ~20 min on 2 cores, ~40 on one):
 
     python data/prepare.py tinystories --train=../shared/data/tinystories/tinystories_train_head.txt \\
         --val=../shared/data/tinystories/tinystories_valid_head.txt \\

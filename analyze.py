@@ -26,7 +26,8 @@ R = #(code fires and label) / #(label), over the readout positions. A concept "o
 R >= 0.9. Two readouts are reported:
 - every state of every sequence (all positions): the strict one, a code must name the state wherever it occurs;
 - the first state only (BOS + the state's digits, position D; "state + digit" at D + 1): the authors'
-  protocol, which partitions the inputs "BOS + 2 digits" (and "+ 3 digits") by the code they get. A state's code is its best code by F1 over the MLP books; the neuron baseline (paper Fig. 6a) is,
+  protocol, which partitions the inputs "BOS + 2 digits" (and "+ 3 digits") by the code they get.
+A state's code is its best code by F1 over the MLP books; the neuron baseline (paper Fig. 6a) is,
 for that state, the single MLP neuron (post-GELU activation of mlp.c_fc, any layer) with the highest
 precision when thresholded so that its recall matches the code's.
 """
@@ -141,6 +142,12 @@ def precision_recall(codes, labels, num_labels, num_codes):
     return counts, counts / fired.clamp(min=1), counts / per_label.clamp(min=1)
 
 
+def owners(P, R, labels):
+    """(L,) bools: the labels that own a code (P >= 0.9 and R >= 0.9), and the labels present in `labels` (N,)."""
+    seen = torch.bincount(labels, minlength=P.size(0)) > 0
+    return ((P >= 0.9) & (R >= 0.9)).any(1) & seen, seen
+
+
 def f1(p, r):
     return torch.where(p + r > 0, 2 * p * r / (p + r), torch.zeros_like(p))
 
@@ -238,12 +245,9 @@ def fsm_analysis(col, fsm, model=None, device="cpu", batch_size=256):
             L = S if concept == "state" else S * 10
             codes = col["codes"][site][rows, cols, g]  # (N, k)
             counts, P, R = precision_recall(codes, labels, L, cb.num_codes)
-            seen = torch.bincount(labels, minlength=L) > 0
-            owned = ((P >= 0.9) & (R >= 0.9)).any(1) & seen
+            owned, seen = owners(P, R, labels)
             at = cols == cols.min()  # the first state (the authors' protocol)
-            _, P1, R1 = precision_recall(codes[at], labels[at], L, cb.num_codes)
-            seen1 = torch.bincount(labels[at], minlength=L) > 0
-            owned1 = ((P1 >= 0.9) & (R1 >= 0.9)).any(1) & seen1
+            owned1, seen1 = owners(*precision_recall(codes[at], labels[at], L, cb.num_codes)[1:], labels[at])
             entry[concept] = {"owned": int(owned.sum()), "of": int(seen.sum()), "owned_first": int(owned1.sum()),
                               "of_first": int(seen1.sum()), "owned_first_states": owned1.nonzero().flatten().tolist()}
             tables[concept][book] = counts
@@ -252,8 +256,8 @@ def fsm_analysis(col, fsm, model=None, device="cpu", batch_size=256):
             if concept == "state":  # diagnostics: duplicated state codes (at different positions)
                 entry["state"]["owned_by_pure_codes"] = int(((R * (P >= 0.9)).sum(1) >= 0.9).sum())
                 entry["state"]["owned_at_one_position"] = [
-                    int(((p >= 0.9) & (r >= 0.9)).any(1).sum()) for t in cols.unique()
-                    for _, p, r in [precision_recall(codes[cols == t], labels[cols == t], L, cb.num_codes)]]
+                    int(owners(*precision_recall(codes[cols == t], labels[cols == t], L, cb.num_codes)[1:],
+                               labels[cols == t])[0].sum()) for t in cols.unique()]
                 _, bp, br = best_codes(P, R)
                 entry["state"].update(mean_precision=bp.mean().item(), mean_recall=br.mean().item(),
                                       owned_states=owned.nonzero().flatten().tolist())

@@ -439,13 +439,13 @@ def main(argv):
         topics = {t: TOPICS.get(t, t) for t in cfg.topics.split(",") if t}
         if cfg.codes_per_topic < 1:
             raise ConfigError(f"codes_per_topic={cfg.codes_per_topic} must be >= 1")
-        codes = {t: parse_codes(model, ",".join(found.get(t, [])[: cfg.codes_per_topic])) for t in topics}
+        chosen = {t: ",".join(found.get(t, [])[: cfg.codes_per_topic]) for t in topics}  # each topic's best codes
+        codes = {t: parse_codes(model, chosen[t]) for t in topics}
         res, samples = topic_steering(model, codec, codes, topics, cfg.samples_per_prompt, cfg.max_new_tokens,
                                       cfg.temperature, cfg.seed, cfg.mode)
         print(f"  {'topic':10s} {'baseline':>9s} {'steered':>8s}  code")
         for t, r in res.items():
-            print(f"  {t:10s} {100 * r['baseline']:8.1f}% {100 * r['steered']:7.1f}%  "
-                  f"{','.join(found.get(t, [])[: cfg.codes_per_topic]) or '-'}")
+            print(f"  {t:10s} {100 * r['baseline']:8.1f}% {100 * r['steered']:7.1f}%  {chosen[t] or '-'}")
     elif cfg.task == "ablate":
         if not ablate:
             raise ConfigError("--task=ablate needs --ablate=BOOK:CODE,...")

@@ -19,7 +19,7 @@ config = dict(
     k=1,
     # the paper trains with its codebooks from the first step; the laptop recipe (README) instead warms up
     # without them until the loss starts to leave ln 10 (step 150 there): add --codebook_start=N
-    # --kmeans_init=true --codebook_lr=1e-2 with N that step of this run
+    # --kmeans_init=true --codebook_lr=1e-2, N the step where this run's loss starts to fall below ln 10
     codebook_start=0,
     kmeans_init=False,
     replace_after=0,

@@ -1,20 +1,16 @@
 """
-Read what the codes mean (Codebook Features, Sections 4.2 and 5.2): collect the codes a trained model
-chooses, count them, match them to concepts (FSM states, regexes over text), compare them with single
-neurons, and write plots and a static HTML code browser.
+Read what the codes mean (Codebook Features, Sections 4.2 and 5.2): collect the codes a trained model chooses,
+count them, match them to concepts (FSM states, regexes over text) and compare them with single neurons.
 
-    python analyze.py --out_dir=out                              # a TokFSM run: everything below, in out/analysis
-    python analyze.py --out_dir=/tmp/exp/table/k1 --save_dir=out/analysis-k1
-    python analyze.py --out_dir=out --codes=out/analysis/codes.pt     # reuse collected codes (no model run for them)
-    python analyze.py --out_dir=out-tinystories --regex=" dragon"     # an LM run: concept search for a regex
-    python analyze.py --out_dir=out-tinystories --max_tokens=100000   # topic codes -> save_dir/topic_codes.json
+    python analyze.py --out_dir=out                                # a TokFSM run: everything below, in out/analysis
+    python analyze.py --out_dir=out --codes=out/analysis/codes.pt  # reuse collected codes (no model run for them)
+    python analyze.py --out_dir=out-tinystories --regex=" dragon"  # an LM run: concept search for a regex
 
-Outputs in save_dir: codes.pt (token ids and chosen code ids, int16/int32, reloadable with torch.load),
-stats.json, freq.png, browser.html; for TokFSM also fsm.json, fsm_tables.pt, heatmap.png, neurons.png; for
-an LM also topic_codes.json (read by `steer.py --task=topics`) and concepts.json.
-
-A codebook "book" is one (site, group): per-head attention codebooks have one book per head, named
-`h.0.attn.codebook:2` (head 2); single-group sites are named by the site alone, e.g. `h.1.mlp_cb`.
+Outputs in save_dir (default <out_dir>/analysis), written to a temporary directory that replaces save_dir as a
+whole only when every output is complete: codes.pt (token ids and chosen code ids, int16/int32, reloadable with
+torch.load), stats.json, freq.png, browser.html; for TokFSM also fsm.json, fsm_tables.pt, heatmap.png,
+neurons.png; for an LM with --regex also concepts.json; report.py writes and draws them. topics.py finds topic
+codes in language models. Codes are read per "book" (model.py's names): `h.1.mlp`, or `h.0.attn_heads:2`.
 
 TokFSM concepts (D digits per state; position t >= 1 of a sequence holds digit (t-1) % D of state (t-1) // D):
 - "state S": read at the LAST digit of each state (t - 1 = D*i + D - 1); the label is state i, the state the
@@ -32,24 +28,19 @@ for that state, the single MLP neuron (post-GELU activation of mlp.c_fc, any lay
 precision when thresholded so that its recall matches the code's.
 """
 
-import functools
-import html
 import json
 import math
 import os
 import re
-import sys
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
+import report
 from fsm import TokFSM
-from train import ConfigError, load_checkpoint, load_tokens, model_from_checkpoint, parse_args, token_windows
-
-TOPICS = {"dragon": "dragon", "slide": "slide", "friend": "friend", "flower": "flower", "fire": "fire",
-          "baby": "baby", "princess": "prince|crown|king|castle"}  # the paper's topics (Table 3), case-insensitive
+from utils import (ConfigError, cli, is_device, is_out_dir, is_regex, lm_batches, load_run, load_tokenizer,
+                   load_tokens, parse_config, read_torch, spec, staged_dir, validate, vocab_strings)
 
 
 @dataclass
@@ -57,31 +48,24 @@ class AnalyzeConfig:
     """Analysis. Defaults: the TokFSM run in out/, results in out/analysis."""
 
     out_dir: str = "out"  # the run whose ckpt.pt is analysed
-    save_dir: str = "out/analysis"  # where results go
+    save_dir: Optional[str] = spec(None, check=is_out_dir)  # where results go; None = <out_dir>/analysis
     codes: str = ""  # a codes.pt from an earlier run: reuse it instead of running the model to collect codes
-    num_seqs: int = 4096  # TokFSM: sequences of the fixed eval set (seed 1234) to read codes on
+    num_seqs: int = spec(4096, ">= 1")  # TokFSM: sequences of the fixed eval set (seed 1234) to read codes on
     dataset: Optional[str] = None  # LM: a data/prepare.py directory; None = the checkpoint's
-    max_tokens: int = 200_000  # LM: tokens of consecutive val windows to read codes on
-    batch_size: int = 256  # sequences per forward (LM: fewer, so that the logits stay within 256 MiB)
-    regex: str = ""  # LM: rank codes as detectors of the tokens this regex matches
-    topics: str = ",".join(TOPICS)  # LM: topics to find codes for (names from TOPICS or NAME=REGEX)
-    window: int = 16  # LM: a code's context is this many tokens either side of it
-    top: int = 5  # codes listed per concept
-    html_codes: int = 100  # codes per book in the browser (the most frequent)
-    contexts: int = 3  # contexts shown per code
-    device: str = "auto"
+    max_tokens: int = spec(200_000, ">= 1")  # LM: tokens of consecutive val windows to read codes on
+    batch_size: int = spec(256, ">= 1")  # sequences per forward (LM: fewer, so that the logits stay within 256 MiB)
+    regex: str = spec("", check=is_regex)  # LM: rank codes as detectors of the tokens this regex matches
+    top: int = spec(5, ">= 1")  # codes listed per concept
+    html_codes: int = spec(100, ">= 0")  # codes per book in the browser (the most frequent)
+    contexts: int = spec(3, ">= 0")  # contexts shown per code
+    device: str = spec("auto", check=is_device)
+
+    def __post_init__(self):
+        validate(self)
+        self.save_dir = self.save_dir or os.path.join(self.out_dir, "analysis")
 
 
 # ---------------------------------------------------------------------------------------------- collecting
-def books(model):
-    """[(book name, site name, group, CodebookLayer)] for every codebook group of the model."""
-    out = []
-    for site, cb in model.codebooks():
-        for g in range(cb.groups):
-            out.append((site if cb.groups == 1 else f"{site}:{g}", site, g, cb))
-    return out
-
-
 @torch.no_grad()
 def collect_codes(model, batches, device="cpu"):
     """Run token batches (B, T) through the model and record, per codebook site, the code ids it chose.
@@ -101,14 +85,6 @@ def collect_codes(model, batches, device="cpu"):
             dtype = torch.int16 if cb.num_codes <= 32767 else torch.int32
             codes[site].append(cb.last_indices.to(dtype).cpu())  # (B, T, G, k), compact as soon as it is read
     return {"tokens": torch.cat(tokens), "codes": {s: torch.cat(c) for s, c in codes.items()}}
-
-
-def lm_batches(val, block_size, max_tokens, batch_size):
-    """Consecutive, non-overlapping val windows, up to max_tokens tokens, as a generator of batches."""
-    n = min((len(val) - 1) // block_size, max(1, max_tokens // block_size))
-    ix = torch.arange(n) * block_size
-    for s in range(0, n, batch_size):
-        yield token_windows(val, ix[s : s + batch_size], block_size)[0]
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -162,6 +138,16 @@ def best_codes(precision, recall):
     c = f1(precision, recall).argmax(1)
     rows = torch.arange(len(c))
     return c, precision[rows, c], recall[rows, c]
+
+
+def top_concepts(counts, P, R, names, n=2):
+    """{code: [(name, precision, recall)]}: each used code's n labels with the best F1 (tables of precision_recall)."""
+    score = f1(P, R)
+    out = {}
+    for c in (counts.sum(0) > 0).nonzero().flatten().tolist():
+        best = score[:, c].topk(min(n, len(names))).indices.tolist()
+        out[c] = [(names[l], P[l, c].item(), R[l, c].item()) for l in best if counts[l, c] > 0]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- TokFSM
@@ -288,12 +274,6 @@ def fsm_analysis(col, fsm, model=None, device="cpu", batch_size=256):
 
 
 # ---------------------------------------------------------------------------------------------- language
-def vocab_strings(decode):
-    """A cached token -> text function for a decode(list[int]) -> str callable (or a Codec)."""
-    decode = getattr(decode, "decode", decode)
-    return functools.lru_cache(maxsize=None)(lambda t: decode([t]))
-
-
 def regex_mask(tokens, tok, regex):
     """(n, T) bool: tokens that overlap a match of `regex` (case-insensitive) in their row's decoded text."""
     pattern = re.compile(regex, re.I)
@@ -321,304 +301,82 @@ def concept_search(col, target, top=5):
     return sorted(found, key=lambda x: -f1(torch.tensor(x[2]), torch.tensor(x[3])).item())[:top]
 
 
-def dense_codes(codes, num_codes, frac=0.5):
-    """Codes that fire on more than `frac` of the tokens of each text. codes: (n, T, k) -> (n, M) bool."""
-    n, T, k = codes.shape
-    c = codes.long().reshape(n, -1)
-    counts = torch.zeros(n, num_codes + 1, dtype=torch.long).scatter_add_(1, c.clamp(min=-1) + 1, torch.ones_like(c))
-    return counts[:, 1:] > frac * T
-
-
-def topic_codes(col, tok, regex, window=16, top=5, min_count=10):
-    """Codes for a topic, two ways (Section 5.3):
-    - "context": codes whose contexts (`window` tokens either side) contain a match of `regex`, ranked by the
-      fraction of their firings that do (precision), among codes firing >= min_count times;
-    - "dense": codes that fire on more than half the tokens of a text (a row), ranked by the fraction of the
-      texts they are dense in that match the regex.
-    Returns {"context": [(book, code, precision, count)], "dense": [(book, code, precision, texts)]}."""
-    hit = regex_mask(col["tokens"], tok, regex)  # (n, T)
-    near = F.max_pool1d(hit.float().unsqueeze(1), 2 * window + 1, stride=1, padding=window).squeeze(1) > 0
-    topical = hit.any(1)  # (n,) texts that match
-    ctx, dense = [], []
-    for book, site, g, cb in col["books"]:
-        codes = col["codes"][site][:, :, g]  # (n, T, k)
-        counts, P, _ = precision_recall(codes.reshape(-1, cb.k), near.reshape(-1).long(), 2, cb.num_codes)
-        fired = counts.sum(0)
-        for c in (P[1] * (fired >= min_count)).topk(min(top, cb.num_codes)).indices.tolist():
-            if fired[c] >= min_count:
-                ctx.append((book, c, P[1, c].item(), int(fired[c])))
-        d = dense_codes(codes, cb.num_codes)  # (n, M)
-        texts = d.sum(0)
-        prec = (d & topical.unsqueeze(1)).sum(0) / texts.clamp(min=1)
-        for c in (prec * (texts > 0)).topk(min(top, cb.num_codes)).indices.tolist():
-            if texts[c] > 0:
-                dense.append((book, c, prec[c].item(), int(texts[c])))
-    return {"context": sorted(ctx, key=lambda x: (-x[2], -x[3]))[:top], "dense": sorted(dense, key=lambda x: (-x[2], -x[3]))[:top]}
-
-
-def parse_topics(text):
-    """"dragon,princess,sea=ocean|sea" -> {name: regex}, names from TOPICS unless given as NAME=REGEX."""
-    out = {}
-    for item in [t.strip() for t in text.split(",") if t.strip()]:
-        name, _, regex = item.partition("=")
-        if not regex and name not in TOPICS:
-            raise ConfigError(f"unknown topic {name!r}: use one of {', '.join(TOPICS)} or NAME=REGEX")
-        out[name] = regex or TOPICS[name]
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- contexts, plots, HTML
-def occurrences(codes, code, n, seed=0):
-    """Up to n (row, position) where `code` fires in codes (rows, T, k): best-ranked slot first, then random."""
-    hits = (codes == code).nonzero()  # (m, 3): row, position, slot
-    if len(hits) == 0:
-        return []
-    order = torch.randperm(len(hits), generator=torch.Generator().manual_seed(seed))
-    hits = hits[order][hits[order][:, 2].argsort(stable=True)]
-    return [(int(r), int(t)) for r, t, _ in hits[:n]]
-
-
-def context_html(strs, t, before=12, after=3):
-    """A context window of token strings with token t marked."""
-    lo, hi = max(0, t - before), min(len(strs), t + after + 1)
-    esc = [html.escape(s).replace("\n", "&#8629;") for s in strs[lo:hi]]  # newlines as arrows: one line each
-    lead = esc[t - lo][: len(esc[t - lo]) - len(esc[t - lo].lstrip())]  # leading spaces stay outside the mark
-    esc[t - lo] = f"{lead}<mark>{esc[t - lo].lstrip()}</mark>"
-    return ("&hellip;" if lo > 0 else "") + "".join(esc)
-
-
-def fsm_strs(fsm):
-    """Token strings of an FSM row: digits, '|' for BOS, a space before the first digit of each state."""
-    return lambda row: ["|" if x == fsm.EOT else (" " if t % fsm.digits == 1 % fsm.digits else "") + str(x)
-                        for t, x in enumerate(row)]
-
-
-def write_browser(path, col, row_strs, concepts=None, stats=None, n_codes=100, n_ctx=3, title="codes"):
-    """A static, self-contained HTML code browser: per book, the most frequent codes with their frequency,
-    top contexts (the firing token marked) and best concepts.
-
-    concepts: {book: [(code -> list of (name, precision, recall))]} as a dict of dicts, or None."""
-    css = ("body{font:13px sans-serif;margin:1em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
-           "padding:2px 6px;vertical-align:top}mark{background:#fd4;font-weight:bold}.ctx{font-family:monospace;"
-           "white-space:pre}summary{font-weight:bold;cursor:pointer;margin-top:.5em}")
-    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{css}</style>"
-           f"</head><body><h1>{html.escape(title)}</h1><p>"
-           + " &middot; ".join(f"<a href='#{html.escape(b)}'>{html.escape(b)}</a>" for b, _, _, _ in col["books"])
-           + "</p><p>Each code: how often it was chosen, the concepts it detects best (precision / recall), and contexts "
-           "where it fired (the token marked).</p>"]
-    strs_cache = {}
-    for book, site, g, cb in col["books"]:
-        codes = col["codes"][site][:, :, g]  # (n, T, k)
-        st = stats[book] if stats else code_stats(codes, cb.num_codes)
-        counts, total = st["counts"], max(1, int(st["counts"].sum()))
-        out.append(f"<details open id='{html.escape(book)}'><summary>{html.escape(book)}: {int((counts > 0).sum())} of {cb.num_codes} codes "
-                   f"used ({st['dead_pct']:.1f}% dead), usage entropy {st['entropy_bits']:.2f} bits</summary>"
-                   "<table><tr><th>code</th><th>count</th><th>freq</th><th>best concepts (P / R)</th><th>contexts</th></tr>")
-        for c in counts.argsort(descending=True)[:n_codes].tolist():
-            if counts[c] == 0:
-                break
-            ctxs = []
-            for r, t in occurrences(codes, c, n_ctx):
-                if r not in strs_cache:
-                    strs_cache[r] = row_strs(col["tokens"][r].tolist())
-                ctxs.append(f"<div class=ctx>{context_html(strs_cache[r], t)}</div>")
-            con = "<br>".join(f"{html.escape(n)} ({p:.2f} / {rc:.2f})" for n, p, rc in (concepts or {}).get(book, {}).get(c, []))
-            out.append(f"<tr id='{html.escape(book)}-{c}'><td>{c}</td><td>{int(counts[c])}</td>"
-                       f"<td>{100 * counts[c] / total:.2f}%</td><td>{con}</td><td>{''.join(ctxs)}</td></tr>")
-        out.append("</table></details>")
-    out.append("</body></html>")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(out))
-
-
-def top_concepts(counts, P, R, names, n=2):
-    """{code: [(name, precision, recall)]}: each used code's n labels with the best F1 (tables of precision_recall)."""
-    score = f1(P, R)
-    out = {}
-    for c in (counts.sum(0) > 0).nonzero().flatten().tolist():
-        best = score[:, c].topk(min(n, len(names))).indices.tolist()
-        out[c] = [(names[l], P[l, c].item(), R[l, c].item()) for l in best if counts[l, c] > 0]
-    return out
-
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save(fig, path):
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    pyplot().close(fig)
-
-
-def plot_frequencies(path, stats, col):
-    """Per site, a histogram of how often each used code was chosen (log scale), with the dead %."""
-    plt = pyplot()
-    sites = list(col["codes"])
-    fig, axes = plt.subplots(1, len(sites), figsize=(4 * len(sites), 3), squeeze=False)
-    for ax, site in zip(axes[0], sites):
-        counts = torch.stack([stats[b]["counts"] for b, s, _, _ in col["books"] if s == site])  # (G, M)
-        used = counts[counts > 0].double()
-        ax.hist(used.log10().numpy(), bins=30)
-        ax.set_title(f"{site}\n{100 * (counts == 0).float().mean():.0f}% dead", fontsize=9)
-        ax.set_xlabel("log10(count) of used codes")
-    axes[0][0].set_ylabel("codes")
-    save(fig, path)
-
-
-def plot_heatmap(path, counts, book):
-    """State x code: P(state | code) for the codes of one book, columns ordered by their best state."""
-    plt = pyplot()
-    used = (counts.sum(0) > 0).nonzero().flatten()
-    P = (counts[:, used] / counts[:, used].sum(0, keepdim=True)).numpy()
-    order = sorted(range(len(used)), key=lambda j: (P[:, j].argmax(), -P[:, j].max()))
-    fig, ax = plt.subplots(figsize=(8, 5))
-    im = ax.imshow(P[:, order], aspect="auto", interpolation="nearest", cmap="viridis")
-    ax.set_xlabel(f"code of {book} (the {len(used)} used, ordered by their most likely state)")
-    ax.set_ylabel("state (read at its last digit)")
-    fig.colorbar(im, label="P(state | code)")
-    save(fig, path)
-
-
-def plot_neurons(path, code_p, neuron_p):
-    """Per state, the precision of its code and of the best neuron at the same recall (paper Fig. 6a)."""
-    fig, ax = pyplot().subplots(figsize=(5, 4))
-    order = torch.tensor(code_p).argsort(descending=True)
-    ax.plot(100 * torch.tensor(code_p)[order], "o", ms=3, label=f"state code (mean {100 * sum(code_p) / len(code_p):.1f}%)")
-    ax.plot(100 * torch.tensor(neuron_p)[order], "x", ms=3, label=f"best neuron (mean {100 * sum(neuron_p) / len(neuron_p):.1f}%)")
-    ax.set_xlabel("state (sorted by code precision)")
-    ax.set_ylabel("precision % at the code's recall")
-    ax.legend()
-    save(fig, path)
-
-
-def report_fsm(cfg, col, model, fsm, device):
-    """fsm_analysis -> fsm.json, fsm_tables.pt, heatmap.png, neurons.png and a printed summary; returns concepts."""
-    summary, tables, concepts = fsm_analysis(col, fsm, model, device, cfg.batch_size)
-    torch.save({c: {b: t.to(torch.int32).to_sparse() for b, t in tb.items()} for c, tb in tables.items()},
-               os.path.join(cfg.save_dir, "fsm_tables.pt"))  # sparse (L, M) counts: .to_dense() to read
-    with open(os.path.join(cfg.save_dir, "fsm.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    print(f"\nconcepts owning a code with P >= 0.9 and R >= 0.9 (of those seen), read at every state | at the "
-          f"first state:\n  {'book':22s} {'states':>9s} {'state+digit':>12s} {'mean P of best':>15s} | "
-          f"{'states':>9s} {'state+digit':>12s}")
-    for b, e in summary["books"].items():
-        st, sd = e["state"], e["state_digit"]
-        print(f"  {b:22s} {st['owned']:4d}/{st['of']:<4d} {sd['owned']:6d}/{sd['of']:<5d} "
-              f"{100 * st['mean_precision']:14.1f}% | {st['owned_first']:4d}/{st['of_first']:<4d} "
-              f"{sd['owned_first']:6d}/{sd['of_first']:<5d}")
-    if "mlp" not in summary:
-        return concepts
-    m = summary["mlp"]
-    print(f"\nstates owning an MLP code: {m['states_owning_code']} of {m['of']} read at every state, "
-          f"{m['states_owning_code_first']} of {m['of_first']} at the first state (the authors' protocol)")
-    print(f"state codes (best F1 over MLP books, every state): mean precision {100 * m['mean_precision']:.1f}%, "
-          f"mean recall {100 * m['mean_recall']:.1f}%")
-    for b, e in summary["books"].items():
-        if "mlp" in b:
-            pos = e["state"]["owned_at_one_position"]
-            print(f"  {b}: states owning a code when read at one fixed position: {min(pos)}-{max(pos)}; "
-                  f"covered by a union of codes with P >= 0.9: {e['state']['owned_by_pure_codes']}")
-    if "neurons" in summary:
-        print(f"best single MLP neuron at the code's recall: mean precision {100 * summary['neurons']['mean_precision']:.1f}%")
-        plot_neurons(os.path.join(cfg.save_dir, "neurons.png"), [s["precision"] for s in m["per_state"]],
-                     summary["neurons"]["per_state"])
-    top = max((b for b in summary["books"] if "mlp" in b), key=lambda b: summary["books"][b]["state"]["owned"])
-    plot_heatmap(os.path.join(cfg.save_dir, "heatmap.png"), tables["state"][top], top)
+# ---------------------------------------------------------------------------------------------- reports
+def report_regex(out, cfg, col, tok):
+    """--regex: every code ranked as a detector of the tokens the regex matches -> concepts.json and a printed
+    list; returns each code's precision and recall for the browser (topics.py finds topic codes)."""
+    if not cfg.regex:
+        return None
+    target = regex_mask(col["tokens"], tok, cfg.regex)
+    found = concept_search(col, target, cfg.top)
+    print(f"\n{cfg.regex!r} ({int(target.sum())} tokens): codes by F1 as token detectors")
+    for b, c, p, r, n in found:
+        print(f"  {b}:{c}  P {p:.2f}  R {r:.2f}  fires {n}")
+    with open(os.path.join(out, "concepts.json"), "w") as f:
+        json.dump({"regex": cfg.regex, "tokens": found}, f, indent=1)
+    concepts = {}
+    for b, name, g, cb in col["books"]:
+        counts, P, R = precision_recall(col["codes"][name][:, :, g].reshape(-1, cb.k), target.reshape(-1).long(), 2,
+                                        cb.num_codes)
+        for c, x in top_concepts(counts[1:], P[1:], R[1:], [cfg.regex], 1).items():
+            concepts.setdefault(b, {})[c] = x
     return concepts
 
 
-def report_lm(cfg, col, tok):
-    """Topic codes and regex concept search -> concepts.json, topic_codes.json and a printed summary; returns
-    concepts (each code's best topics as token detectors) for the browser."""
-    topics = parse_topics(cfg.topics)
-    if cfg.regex:
-        topics["regex"] = cfg.regex
-    found, concepts = {}, {}
-    for name, regex in topics.items():
-        found[name] = topic_codes(col, tok, regex, cfg.window, cfg.top)
-        target = regex_mask(col["tokens"], tok, regex)
-        found[name]["tokens"] = concept_search(col, target, cfg.top)
-        print(f"\n{name} ({regex!r}, {int(target.sum())} tokens): codes by F1 as token detectors")
-        for b, c, p, r, n in found[name]["tokens"]:
-            print(f"  {b}:{c}  P {p:.2f}  R {r:.2f}  fires {n}")
-        for b, site, g, cb in col["books"]:
-            counts, P, R = precision_recall(col["codes"][site][:, :, g].reshape(-1, cb.k), target.reshape(-1).long(),
-                                            2, cb.num_codes)
-            for c, x in top_concepts(counts[1:], P[1:], R[1:], [name], 1).items():
-                concepts.setdefault(b, {}).setdefault(c, []).extend(x)
-    with open(os.path.join(cfg.save_dir, "concepts.json"), "w") as f:
-        json.dump(found, f, indent=1)
-    with open(os.path.join(cfg.save_dir, "topic_codes.json"), "w") as f:  # for steer.py --task=topics
-        json.dump({t: [f"{b}:{c}" for b, c, _, _ in found[t]["context"]] for t in topics}, f, indent=1)
-    return {b: {c: by_f1(x, 2) for c, x in cs.items()} for b, cs in concepts.items()}
-
-
 # ---------------------------------------------------------------------------------------------- main
-def main(argv):
-    preset, cli = parse_args(argv, (AnalyzeConfig,))
-    cfg = AnalyzeConfig(**{**preset, **cli})
-    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model = model_from_checkpoint(ckpt).to(device).eval()
-    if not model.codebooks():
-        raise ConfigError(f"{cfg.out_dir} has no codebooks (codebook_sites={model.config.codebook_sites!r}): nothing to analyse")
-    tc, T = ckpt["train_config"], model.config.block_size
-    is_fsm = tc.get("dataset", "fsm") == "fsm"
-    if is_fsm:
-        fsm = TokFSM(tc["num_states"], tc["num_edges"], tc["fsm_seed"])
-        row_strs = fsm_strs(fsm)
-    else:  # the tokenizer first: fail before the model runs
-        from data.prepare import PrepareError, load_tokenizer
-
-        try:
-            tok = vocab_strings(load_tokenizer(cfg.dataset or tc["dataset"])[0])
-        except PrepareError as e:
-            raise ConfigError(str(e)) from None
-        row_strs = lambda row: [tok(t) for t in row]  # noqa: E731
-    os.makedirs(cfg.save_dir, exist_ok=True)
-
+def collect(cfg, ckpt, model, fsm):
+    """The codes of the eval data (TokFSM's fixed eval set, or consecutive val windows), or those of --codes."""
     if cfg.codes:  # reuse an earlier collection
-        if not os.path.isfile(cfg.codes):
-            raise ConfigError(f"--codes={cfg.codes}: no such file (analyze.py writes save_dir/codes.pt)")
-        col = torch.load(cfg.codes, map_location="cpu", weights_only=True)
-        if set(col["codes"]) != {s for s, _ in model.codebooks()}:
+        col = read_torch(cfg.codes, "codes.pt of analyze.py", ("tokens", "codes"),
+                         "pass a codes.pt that analyze.py wrote")
+        if not isinstance(col["codes"], dict) or set(col["codes"]) != {n for n, _ in model.codebooks()}:
             raise ConfigError(f"{cfg.codes} holds codes of {sorted(col['codes'])}, but {cfg.out_dir} has codebooks "
-                              f"{[s for s, _ in model.codebooks()]}: collect them again without --codes")
+                              f"{[n for n, _ in model.codebooks()]}: collect them again without --codes")
+        return col
+    T, dev = model.config.block_size, next(model.parameters()).device
+    if fsm is not None:  # the fixed eval set of train.py
+        batches = fsm.eval_set(cfg.num_seqs, T)[0].split(cfg.batch_size)
     else:
-        if is_fsm:  # the fixed eval set of train.py
-            batches = fsm.eval_set(cfg.num_seqs, T)[0].split(cfg.batch_size)
-        else:
-            rows = max(1, min(cfg.batch_size, 2**26 // (T * model.config.vocab_size)))  # logits <= 256 MiB
-            batches = lm_batches(load_tokens(cfg.dataset or tc["dataset"], T, model.config.vocab_size)[1], T,
-                                 cfg.max_tokens, rows)
-        col = collect_codes(model, batches, device)
-        torch.save(col, os.path.join(cfg.save_dir, "codes.pt"))
-    col["books"] = books(model)
-    print(f"codes of {col['tokens'].numel():,} tokens at {len(col['codes'])} sites ({len(col['books'])} books)")
+        rows = max(1, min(cfg.batch_size, 2**26 // (T * model.config.vocab_size)))  # logits <= 256 MiB
+        val = load_tokens(cfg.dataset or ckpt["train_config"]["dataset"], T, model.config.vocab_size)[1]
+        batches = lm_batches(val, T, cfg.max_tokens, rows)
+    return collect_codes(model, batches, dev)
 
-    stats = {b: code_stats(col["codes"][s][:, :, g], cb.num_codes) for b, s, g, cb in col["books"]}
-    with open(os.path.join(cfg.save_dir, "stats.json"), "w") as f:
-        json.dump({b: {k: v for k, v in st.items() if k != "counts"} for b, st in stats.items()}, f, indent=1)
-    for b, st in stats.items():
-        print(f"  {b:22s} used {int((st['counts'] > 0).sum()):5d}  dead {st['dead_pct']:5.1f}%  "
-              f"entropy {st['entropy_bits']:5.2f} bits ({st['effective']:.0f} effective codes)")
-    plot_frequencies(os.path.join(cfg.save_dir, "freq.png"), stats, col)
-    concepts = report_fsm(cfg, col, model, fsm, device) if is_fsm else report_lm(cfg, col, tok)
-    path = os.path.join(cfg.save_dir, "browser.html")
-    write_browser(path, col, row_strs, concepts, stats, cfg.html_codes, cfg.contexts,
-                  title=f"codes of {cfg.out_dir} (iteration {ckpt.get('iter_num', '?')})")
+
+def main(argv):
+    cfg = parse_config(argv, AnalyzeConfig)
+    ckpt, model = load_run(cfg.out_dir, cfg.device)
+    if not model.codebooks():
+        raise ConfigError(f"{cfg.out_dir} has no codebooks (codebook_sites={model.config.codebook_sites!r}): "
+                          "nothing to analyse; train with codebooks")
+    tc = ckpt["train_config"]
+    fsm = TokFSM(tc["num_states"], tc["num_edges"], tc["fsm_seed"]) if tc.get("dataset", "fsm") == "fsm" else None
+    if fsm is None:  # the tokenizer first: fail before the model runs
+        tok = vocab_strings(load_tokenizer(cfg.dataset or tc["dataset"])[0])
+    col = collect(cfg, ckpt, model, fsm)
+    col_books = model.books()
+    print(f"codes of {col['tokens'].numel():,} tokens at {len(col['codes'])} codebooks ({len(col_books)} books)")
+    with staged_dir(cfg.save_dir) as out:  # every output, or none: save_dir is replaced only when all are written
+        torch.save(col, os.path.join(out, "codes.pt"))
+        col["books"] = col_books
+        stats = {b: code_stats(col["codes"][n][:, :, g], cb.num_codes) for b, n, g, cb in col["books"]}
+        with open(os.path.join(out, "stats.json"), "w") as f:
+            json.dump({b: {k: v for k, v in st.items() if k != "counts"} for b, st in stats.items()}, f, indent=1)
+        for b, st in stats.items():
+            print(f"  {b:22s} used {int((st['counts'] > 0).sum()):5d}  dead {st['dead_pct']:5.1f}%  "
+                  f"entropy {st['entropy_bits']:5.2f} bits ({st['effective']:.0f} effective codes)")
+        report.plot_frequencies(os.path.join(out, "freq.png"), stats, col)
+        if fsm:
+            summary, tables, concepts = fsm_analysis(col, fsm, model, model.lm_head.weight.device, cfg.batch_size)
+            report.fsm_summary(out, summary, tables)
+        else:
+            concepts = report_regex(out, cfg, col, tok)
+        row_strs = report.fsm_strs(fsm) if fsm else lambda row: [tok(t) for t in row]
+        report.write_browser(os.path.join(out, "browser.html"), col, row_strs, stats, concepts, cfg.html_codes,
+                             cfg.contexts, title=f"codes of {cfg.out_dir} (iteration {ckpt['iter_num']})")
     print(f"\nwrote {cfg.save_dir}: codes.pt, stats.json, freq.png, browser.html" +
-          (", fsm.json, fsm_tables.pt, heatmap.png, neurons.png" if is_fsm else ", concepts.json, topic_codes.json"))
+          (", fsm.json, fsm_tables.pt, heatmap.png, neurons.png" if fsm else ", concepts.json" if cfg.regex else ""))
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    cli(main)

@@ -19,6 +19,7 @@ Benchmarks for the codebook layer, a full training step and generation (nanoGPT 
 """
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -29,6 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from codebook import CodebookLayer
+from fsm import TokFSM
+from model import GPT, GPTConfig
+from utils import cli, is_device, load_preset, parse_config, spec, split_config, validate
 
 # (name, N tokens, dim, groups, num_codes, k): the shapes of the performance goals
 SHAPES = [
@@ -41,13 +45,18 @@ SHAPES = [
 
 @dataclass
 class BenchConfig:
-    only: str = "layer,step,generate"  # comma-separated parts to run: layer, step, generate, profile
-    device: str = "cpu"
-    dtype: str = "float32"  # "float32" or "bfloat16" (autocast, CUDA)
-    repeats: int = 5  # timed repeats per measurement (after one warm-up)
+    """Benchmarks. Defaults: every part but the profile, fp32 on the CPU."""
+
+    only: str = spec("layer,step,generate", each=("layer", "step", "generate", "profile"))  # parts to run
+    device: str = spec("cpu", check=is_device)
+    dtype: str = spec("float32", ("float32", "bfloat16"))  # bfloat16: autocast
+    repeats: int = spec(5, ">= 1")  # timed repeats per measurement (after one warm-up)
     mem: bool = True  # measure peak memory per shape (one subprocess each)
     compile: bool = False  # torch.compile the layer / model
-    mem_shape: str = ""  # internal: measure one shape's memory and print it as JSON
+    mem_shape: str = spec("", ("", *(s[0] for s in SHAPES)))  # internal: one shape's memory, printed as JSON
+
+    def __post_init__(self):
+        validate(self)
 
 
 def sync(device):
@@ -142,19 +151,13 @@ def bench_layer(cfg, autocast):
 
 
 def bench_step(cfg, autocast):
-    import train
-    from fsm import TokFSM
-    from model import GPT, GPTConfig
-
     print(f"\n2. full training step, tokens/s ({cfg.dtype}, {cfg.device})")
-    presets = [("laptop FSM (default)", {}), ("fsm (paper)", train.load_preset("config/fsm.py"))]
-    try:
-        presets.append(("tinystories", train.load_preset("config/tinystories.py")))
-    except train.ConfigError:
-        pass
+    here = os.path.dirname(os.path.abspath(__file__))
+    presets = [("laptop FSM (default)", {}), ("fsm (paper)", load_preset(os.path.join(here, "config", "fsm.py"))),
+               ("tinystories", load_preset(os.path.join(here, "config", "tinystories.py")))]
     for label, preset in presets:
-        tcfg, mcfg = train.split_config(preset)
-        batch = tcfg.get("batch_size", train.TrainConfig.batch_size)
+        (mcfg,) = split_config(preset, GPTConfig)
+        batch = preset.get("batch_size", 128)  # train.py's default batch
         if cfg.device == "cpu":
             batch = min(batch, 128 if "tinystories" not in label else 4)  # keep CPU runs short
         for sites in (mcfg.get("codebook_sites", GPTConfig.codebook_sites), ""):
@@ -177,8 +180,6 @@ def bench_step(cfg, autocast):
 
 
 def bench_generate(cfg, autocast):
-    from model import GPT, GPTConfig
-
     print(f"\n3. generation with codebooks, laptop FSM model ({cfg.dtype}, {cfg.device})")
     model = GPT(GPTConfig()).to(cfg.device).eval()
     bos = torch.full((256, 1), 10, dtype=torch.long, device=cfg.device)
@@ -192,11 +193,35 @@ def bench_generate(cfg, autocast):
           f"{256 * n / t:,.0f} tokens/s")
 
 
-def main(argv):
-    from train import parse_args
+def bench_profile(cfg, autocast):
+    """torch.profiler's top ops (self time) of a few laptop FSM training steps with codebooks on."""
+    from torch.profiler import ProfilerActivity, profile
 
-    _, cli = parse_args(argv, (BenchConfig,))
-    cfg = BenchConfig(**cli)
+    print(f"\n4. where a laptop FSM training step's time goes ({cfg.dtype}, {cfg.device}), top ops by self time")
+    model = GPT(GPTConfig()).to(cfg.device)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99))
+    x, y = TokFSM().batch(128, model.config.block_size, torch.Generator().manual_seed(0))
+    x, y = x.to(cfg.device), y.to(cfg.device)
+
+    def step():
+        with autocast:
+            _, loss, _ = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    step()  # warm-up
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cfg.device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        for _ in range(cfg.repeats):
+            step()
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:10]:
+        print(f"  {e.key:<48} {100 * e.self_cpu_time_total / total:5.1f}%")
+
+
+def main(argv):
+    cfg = parse_config(argv, BenchConfig)
     if cfg.mem_shape:
         shape = next(s for s in SHAPES if s[0] == cfg.mem_shape)
         print(json.dumps({"peak": layer_memory(shape, cfg.device, cfg.compile)}))
@@ -217,9 +242,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from train import ConfigError
-
-    try:
-        main(sys.argv[1:])
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    cli(main)

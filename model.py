@@ -3,97 +3,94 @@ A GPT with codebook bottlenecks (Codebook Features, Section 3), in nanoGPT's sha
 
 One module covers the paper's TokFSM transformer and GPT-NeoX/Pythia: learned or rotary positions
 (partial rotary, NeoX half-split), sequential or parallel residual, exact-erf GELU, LayerNorm with bias,
-tied or untied unembedding, F.scaled_dot_product_attention.
+tied or untied unembedding, F.scaled_dot_product_attention. pythia.py maps a Pythia checkpoint onto it.
 
 Codebook sites (GPTConfig.codebook_sites, comma-separated), in every layer or in `codebook_layers`:
     attn_heads  one codebook group per head, on the heads' outputs before attn.c_proj (the FSM runs)
     attn        the attention output, after attn.c_proj
     mlp         the MLP output, after mlp.c_proj
+A codebook is named `h.{layer}.{site}` (module transformer.h.{layer}.codebooks.{site}); a "book" is one group of
+it, `h.{layer}.{site}:{group}` when the codebook has several (per-head codebooks: one per head), and a code is
+`BOOK:CODE`, e.g. `h.1.mlp:830` or `h.0.attn_heads:2:517`. analyze.py, steer.py and the README use these names.
 
     python model.py        # builds the FSM model with codebooks and prints its modules and sizes
 """
 
-import json
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from codebook import CodebookLayer
+from utils import ConfigError, spec, split_list, validate
 
 SITES = ("attn_heads", "attn", "mlp")
+
+
+def _is_layer_list(text):
+    ok = all(i.isdigit() for i in split_list(text))
+    return None if ok else "is not a comma-separated list of layer indices: e.g. --codebook_layers=0,1"
 
 
 @dataclass
 class GPTConfig:
     """The model. Defaults: the laptop TokFSM model with k=1 codebooks on every head and MLP."""
 
-    block_size: int = 32  # longest context in tokens
-    vocab_size: int = 11  # TokFSM: 10 digits + <|endoftext|>
-    n_layer: int = 2
-    n_head: int = 4
-    n_embd: int = 128
-    n_inner: Optional[int] = None  # MLP hidden size; None means 4 * n_embd
-    dropout: float = 0.0
+    block_size: int = spec(32, ">= 1")  # longest context in tokens
+    vocab_size: int = spec(11, ">= 1")  # TokFSM: 10 digits + <|endoftext|>
+    n_layer: int = spec(2, ">= 1")
+    n_head: int = spec(4, ">= 1")
+    n_embd: int = spec(128, ">= 1")
+    n_inner: Optional[int] = spec(None, ">= 1")  # MLP hidden size; None means 4 * n_embd
+    dropout: float = spec(0.0, "[0, 1)")
     bias: bool = True  # biases in Linear layers (LayerNorms always have one)
-    pos_emb: str = "learned"  # "learned" (GPT-2) or "rotary" (GPT-NeoX)
-    rotary_pct: float = 0.25  # fraction of each head's dims that are rotated
-    rotary_base: float = 10000.0
+    pos_emb: str = spec("learned", ("learned", "rotary"))  # GPT-2 or GPT-NeoX positions
+    rotary_pct: float = spec(0.25, "[0, 1]")  # fraction of each head's dims that are rotated
+    rotary_base: float = spec(10000.0, "> 0")
     parallel_residual: bool = False  # x + attn(ln_1(x)) + mlp(ln_2(x)), as GPT-NeoX
     tie_weights: bool = True  # lm_head shares wte's weight
-    layer_norm_eps: float = 1e-5
+    layer_norm_eps: float = spec(1e-5, "> 0")
     # codebooks
-    codebook_sites: str = "attn_heads,mlp"  # comma-separated from: attn_heads, attn, mlp; "" = none
-    codebook_layers: str = ""  # comma-separated layer indices; "" = every layer
-    num_codes: int = 1000  # codes per group
-    k: int = 1  # codes summed per token and group
-    codebook_groups: int = 1  # groups G of the attn and mlp sites (attn_heads uses n_head)
+    codebook_sites: str = spec("attn_heads,mlp", each=SITES)  # comma-separated; "" = none
+    codebook_layers: str = spec("", check=_is_layer_list)  # comma-separated layer indices; "" = every layer
+    num_codes: int = spec(1000, ">= 1")  # codes per group
+    k: int = spec(1, ">= 1")  # codes summed per token and group
+    codebook_groups: int = spec(1, ">= 1")  # groups G of the attn and mlp sites (attn_heads uses n_head)
     codebook_layernorm: bool = True  # LayerNorm before the lookup (see codebook.py for why)
-    codebook_chunk: int = 0  # (token, group) rows scored at once; 0 = 32 MiB of scores (CPU), 256 MiB (GPU)
-    recon_coef: float = 1.0  # lambda of the reconstruction loss
+    codebook_chunk: int = spec(0, ">= 0")  # (token, group) rows scored at once; 0 = 32 MiB of scores (CPU), 256 MiB (GPU)
+    recon_coef: float = spec(1.0, ">= 0")  # lambda of the reconstruction loss
 
     def __post_init__(self):
-        for key in ("block_size", "vocab_size", "n_head", "n_embd"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key}={getattr(self, key)} must be >= 1: pass --{key}=N with N >= 1")
+        validate(self)
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: pick a divisor of n_embd")
-        if self.pos_emb not in ("learned", "rotary"):
-            raise ValueError(f"pos_emb must be 'learned' or 'rotary', got {self.pos_emb!r}")
-        bad = set(self.sites) - set(SITES)
-        if bad:
-            raise ValueError(f"unknown codebook site(s) {sorted(bad)}: choose from {', '.join(SITES)}")
-        if self.sites and self.num_codes < 1:
-            raise ValueError(f"num_codes must be >= 1, got {self.num_codes}: raise num_codes (or set codebook_sites=)")
+            raise ConfigError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: pick a divisor of n_embd")
+        rot = int(self.n_embd // self.n_head * self.rotary_pct)
+        if self.pos_emb == "rotary" and rot % 2:
+            raise ConfigError(f"rotary_pct={self.rotary_pct} rotates {rot} dims per head, an odd number: pick a "
+                              "rotary_pct that rotates an even number")
         g = self.codebook_groups
-        if {"attn", "mlp"} & set(self.sites) and (g < 1 or self.n_embd % g):
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by codebook_groups={g}: pick a divisor of n_embd")
-        if self.sites and not 1 <= self.k <= self.num_codes:
-            raise ValueError(f"k={self.k} must be in [1, num_codes={self.num_codes}]: lower k or raise num_codes")
-        bad = [i for i in self.layers if not 0 <= i < self.n_layer]
+        if {"attn", "mlp"} & set(self.sites) and self.n_embd % g:
+            raise ConfigError(f"n_embd={self.n_embd} is not divisible by codebook_groups={g}: pick a divisor of n_embd")
+        if self.sites and self.k > self.num_codes:
+            raise ConfigError(f"k={self.k} must be in [1, num_codes={self.num_codes}]: lower k or raise num_codes")
+        bad = [i for i in self.layers if not i < self.n_layer]
         if bad:
-            raise ValueError(f"codebook_layers {bad} out of range for n_layer={self.n_layer}")
+            raise ConfigError(f"codebook_layers {bad} out of range for n_layer={self.n_layer}: use 0..{self.n_layer - 1}")
 
     @property
     def sites(self):
-        return [s.strip() for s in self.codebook_sites.split(",") if s.strip()]
+        return [s for s in SITES if s in split_list(self.codebook_sites)]  # in forward order
 
     @property
     def layers(self):
-        if not self.codebook_layers.strip():
-            return list(range(self.n_layer))
-        try:
-            return [int(i) for i in self.codebook_layers.split(",") if i.strip()]
-        except ValueError:
-            raise ValueError(f"codebook_layers must be comma-separated integers, got {self.codebook_layers!r}")
+        return [int(i) for i in split_list(self.codebook_layers)] or list(range(self.n_layer))
 
-    def codebook(self, dim, groups):
-        return CodebookLayer(dim, self.num_codes, self.k, groups, self.codebook_layernorm, self.codebook_chunk)
+    def codebook(self, site):
+        groups = self.n_head if site == "attn_heads" else self.codebook_groups
+        return CodebookLayer(self.n_embd, self.num_codes, self.k, groups, self.codebook_layernorm, self.codebook_chunk)
 
 
 def rotate_half(x):
@@ -102,7 +99,7 @@ def rotate_half(x):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config, use_cb):
+    def __init__(self, config):
         super().__init__()
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # [q; k; v]
@@ -113,7 +110,6 @@ class CausalSelfAttention(nn.Module):
         if self.rot:
             inv_freq = 1.0 / config.rotary_base ** (torch.arange(0, self.rot, 2).float() / self.rot)
             self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.codebook = config.codebook(config.n_embd, config.n_head) if use_cb else None
 
     def rotary(self, x, pos):
         """NeoX rotary on the first `rot` dims of each head (half-split pairs). x: (B, nh, T, hs)."""
@@ -123,7 +119,7 @@ class CausalSelfAttention(nn.Module):
         xr, xp = x[..., : self.rot], x[..., self.rot :]
         return torch.cat((xr * cos + rotate_half(xr) * sin, xp), dim=-1)
 
-    def forward(self, x, pos, cache=None):
+    def forward(self, x, pos, cache=None, codebook=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, -1).transpose(1, 2)  # (B, nh, T, hs)
@@ -142,8 +138,8 @@ class CausalSelfAttention(nn.Module):
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=causal
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh * hs): head h is slice h
-        if self.codebook is not None:
-            y = self.codebook(y)  # groups = heads: one codebook per head
+        if codebook is not None:
+            y = codebook(y)  # groups = heads: one codebook per head
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -163,25 +159,24 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
-        on = layer in config.layers
         self.parallel = config.parallel_residual
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
-        self.attn = CausalSelfAttention(config, on and "attn_heads" in config.sites)
+        self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
-        g = config.codebook_groups
-        self.attn_cb = config.codebook(config.n_embd, g) if on and "attn" in config.sites else None
-        self.mlp_cb = config.codebook(config.n_embd, g) if on and "mlp" in config.sites else None
+        sites = config.sites if layer in config.layers else []
+        self.codebooks = nn.ModuleDict({site: config.codebook(site) for site in sites})
 
     def forward(self, x, pos, cache=None):
-        a = self.attn(self.ln_1(x), pos, cache)  # (B, T, C)
-        if self.attn_cb is not None:
-            a = self.attn_cb(a)
+        cb = self.codebooks
+        a = self.attn(self.ln_1(x), pos, cache, cb["attn_heads"] if "attn_heads" in cb else None)  # (B, T, C)
+        if "attn" in cb:
+            a = cb["attn"](a)
         if not self.parallel:
             x = x + a
         m = self.mlp(self.ln_2(x))  # (B, T, C)
-        if self.mlp_cb is not None:
-            m = self.mlp_cb(m)
+        if "mlp" in cb:
+            m = cb["mlp"](m)
         return x + a + m if self.parallel else x + m
 
 
@@ -215,8 +210,15 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def codebooks(self):
-        """[(name, CodebookLayer)] in forward order, e.g. ('h.0.attn.codebook', layer)."""
-        return [(n.removeprefix("transformer."), m) for n, m in self.named_modules() if isinstance(m, CodebookLayer)]
+        """[(name, CodebookLayer)] in forward order, named h.{layer}.{site}, e.g. ('h.0.attn_heads', layer)."""
+        return [(f"h.{i}.{site}", cb) for i, block in enumerate(self.transformer.h)
+                for site, cb in block.codebooks.items()]
+
+    def books(self):
+        """[(book, codebook name, group, CodebookLayer)], one per group: 'h.1.mlp', or 'h.0.attn_heads:2' (head 2)
+        for codebooks with several groups."""
+        return [(f"{name}:{g}" if cb.groups > 1 else name, name, g, cb)
+                for name, cb in self.codebooks() for g in range(cb.groups)]
 
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -304,141 +306,11 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pythia(cls, path, **overrides):
-        """A GPT holding the weights of a local Hugging Face GPT-NeoX/Pythia directory (no hub access).
+        """A GPT holding the weights of a local GPT-NeoX/Pythia directory (config.json + safetensors or .bin,
+        sharded or not), with the GPTConfig `overrides` (the codebooks) applied; see pythia.py. Raises ConfigError."""
+        import pythia  # the state-dict mapper; it imports this module
 
-        `path` holds config.json and model.safetensors or pytorch_model.bin, or a sharded checkpoint
-        (model.safetensors.index.json / pytorch_model.bin.index.json). `overrides` are GPTConfig fields
-        applied on top of the mapped config, e.g. codebook_sites="attn_heads,mlp", num_codes=1000.
-        Codebooks keep their fresh init; weights are cast to the model's dtype (fp32).
-        Shapes: wte (vocab_size, C) with vocab_size the padded embedding rows (50304 for Pythia),
-        c_attn (3C, C) as [q; k; v], mlp.c_fc (n_inner, C), lm_head (vocab_size, C).
-
-        Raises:
-            ValueError: a config of another architecture, an unsupported activation or rope type,
-                or a checkpoint tensor whose shape differs from ours (message names the key, both shapes).
-            KeyError: a missing config field, an unknown or a missing checkpoint key (names file and key).
-            FileNotFoundError: no weights file, or a shard listed in the index is absent (names the shard).
-        """
-        model = cls(pythia_config(path, **overrides))
-        load_pythia_weights(model, path)
-        return model
-
-
-PYTHIA_LAYER = {  # GPT-NeoX module name -> ours, inside layer i
-    "input_layernorm": "ln_1",
-    "attention.query_key_value": "attn.c_attn",
-    "attention.dense": "attn.c_proj",
-    "post_attention_layernorm": "ln_2",
-    "mlp.dense_h_to_4h": "mlp.c_fc",
-    "mlp.dense_4h_to_h": "mlp.c_proj",
-}
-PYTHIA_SKIP = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")  # buffers of old checkpoints
-
-
-def pythia_config(path, **overrides):
-    """GPTConfig from a GPT-NeoX/Pythia config.json, old (rotary_pct, rotary_emb_base) or new
-    (rope_parameters / partial_rotary_factor, rope_theta) names; `overrides` are GPTConfig fields."""
-    file = os.path.join(path, "config.json")
-    with open(file) as f:
-        hf = json.load(f)
-    arch = hf.get("architectures") or ["GPTNeoXForCausalLM"]
-    if hf.get("model_type") != "gpt_neox" or arch != ["GPTNeoXForCausalLM"]:
-        raise ValueError(
-            f"{file}: model_type={hf.get('model_type')!r}, architectures={arch}; "
-            "from_pythia loads only gpt_neox (GPTNeoXForCausalLM)"
-        )
-    if hf.get("hidden_act", "gelu") != "gelu":
-        raise ValueError(f"{file}: hidden_act={hf['hidden_act']!r}, but our MLP uses exact (erf) 'gelu'")
-    if not hf.get("attention_bias", True):
-        raise ValueError(f"{file}: attention_bias=False, but our Linear layers all have biases")
-    rope = hf.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
-        raise ValueError(f"{file}: rope scaling {rope or hf.get('rope_scaling')} is not supported")
-
-    def need(key):
-        if key not in hf:
-            raise KeyError(f"{file}: missing field {key!r}")
-        return hf[key]
-
-    fields = dict(
-        vocab_size=need("vocab_size"),  # the padded embedding rows
-        n_layer=need("num_hidden_layers"),
-        n_head=need("num_attention_heads"),
-        n_embd=need("hidden_size"),
-        n_inner=need("intermediate_size"),
-        block_size=need("max_position_embeddings"),
-        pos_emb="rotary",
-        rotary_pct=rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rotary_pct", 0.25))),
-        rotary_base=rope.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0))),
-        parallel_residual=hf.get("use_parallel_residual", True),
-        tie_weights=hf.get("tie_word_embeddings", False),
-        layer_norm_eps=hf.get("layer_norm_eps", 1e-5),
-        bias=True,
-        dropout=0.0,
-        codebook_sites="",  # the pretrained model as it is; codebooks come from the overrides
-    )
-    return GPTConfig(**{**fields, **overrides})
-
-
-def pythia_state_dict(path):
-    """({key: tensor}, {key: file}) of a GPT-NeoX checkpoint directory, single file or sharded."""
-    def load(file):
-        if not os.path.exists(file):
-            raise FileNotFoundError(f"{file}: shard listed in the index is missing")
-        if file.endswith(".safetensors"):
-            return load_file(file)
-        return torch.load(file, map_location="cpu", weights_only=True)
-
-    names = ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"]
-    for name in names:
-        file = os.path.join(path, name)
-        if os.path.exists(file):
-            break
-    else:
-        raise FileNotFoundError(f"{path}: no weights file, expected one of {names}")
-    if not name.endswith(".index.json"):
-        sd = load(file)
-        return sd, {k: file for k in sd}
-    with open(file) as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
-    sd, where = {}, {}
-    for shard in shards:
-        part = load(os.path.join(path, shard))
-        sd.update(part)
-        where.update({k: os.path.join(path, shard) for k in part})
-    return sd, where
-
-
-@torch.no_grad()
-def load_pythia_weights(model, path):
-    """Copy a GPT-NeoX checkpoint into `model` (built by pythia_config) in place; codebooks are untouched."""
-    sd, where = pythia_state_dict(path)
-    names = {"gpt_neox.embed_in.weight": "transformer.wte.weight", "embed_out.weight": "lm_head.weight"}
-    for w in ("weight", "bias"):
-        names[f"gpt_neox.final_layer_norm.{w}"] = f"transformer.ln_f.{w}"
-        for i in range(model.config.n_layer):
-            for theirs, ours in PYTHIA_LAYER.items():
-                names[f"gpt_neox.layers.{i}.{theirs}.{w}"] = f"transformer.h.{i}.{ours}.{w}"
-    tied = model.config.tie_weights
-    if tied:  # lm_head is wte; a saved embed_out is a copy of embed_in (transformers ignores it too)
-        del names["embed_out.weight"]
-    ours = model.state_dict()
-    for key, t in sd.items():
-        if key.endswith(PYTHIA_SKIP) or (tied and key == "embed_out.weight"):
-            continue
-        if key not in names:
-            raise KeyError(f"{where[key]}: unknown key {key!r} for a GPT-NeoX with n_layer={model.config.n_layer}")
-        p = ours[names[key]]
-        if t.shape != p.shape:
-            raise ValueError(f"{where[key]}: {key} has shape {tuple(t.shape)}, {names[key]} needs {tuple(p.shape)}")
-        if key.endswith("query_key_value.weight") or key.endswith("query_key_value.bias"):
-            # NeoX orders the 3C rows per head, [q_0, k_0, v_0, q_1, ...] (hs rows each); ours are [q; k; v]
-            nh = model.config.n_head
-            t = t.reshape(nh, 3, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape)  # (3, nh, hs, ...) -> (3C, ...)
-        p.copy_(t)
-    missing = [k for k in names if k not in sd]
-    if missing:
-        raise KeyError(f"{path}: checkpoint lacks {len(missing)} key(s), first {missing[0]!r}")
+        return pythia.load(path, **overrides)
 
 
 if __name__ == "__main__":

@@ -4,18 +4,16 @@ remove codes, and patch in the codes of another FSM state, through each codebook
 `banned` mask for "remove, then take the next best").
 
     python steer.py --out_dir=out                                   # TokFSM state steering: the swap, per site group
-    python steer.py --out_dir=out --task=ablate --ablate=h.1.mlp_cb:12,h.1.mlp_cb:40 --ablate_to=zero
-    python steer.py --out_dir=out --task=generate --start=42 --force=h.1.mlp_cb:123 --num_samples=4
-    python steer.py --out_dir=out-tinystories --task=generate --start="Once upon a time" --force=h.0.attn.codebook:3:517
-    python steer.py --out_dir=out-tinystories --task=topics --topic_codes=out/analysis/topic_codes.json
-    python steer.py --out_dir=out-tinystories --task=ablate --ablate=h.0.attn.codebook:3:517
+    python steer.py --out_dir=out --task=ablate --ablate=h.1.mlp:12,h.1.mlp:40 --ablate_to=zero
+    python steer.py --out_dir=out --task=generate --start=42 --force=h.1.mlp:123 --num_samples=4
+    python steer.py --out_dir=out-tinystories --task=generate --start="Once upon a time" --force=h.0.attn_heads:3:517
+    python steer.py --out_dir=out-tinystories --task=ablate --ablate=h.0.attn_heads:3:517
 
-Codes are named BOOK:CODE, where BOOK is a site (`h.1.mlp_cb`) or, for per-head codebooks, site:head
-(`h.0.attn.codebook:2`); several are separated by commas. Forcing and removal apply at every prompt and
-generated token. Forcing (mode): "one" puts each forced code in place of the lowest-scoring active code (the
-top-k is sorted best first, so the last slot; as the paper does), unless it is already active; "all" makes
-the forced codes the only active ones (the other slots contribute nothing). Removal (ablate_to): "next" bans
-the code before the top-k, so the next best code takes its place; "zero" drops it (its slot adds nothing).
+Codes are named BOOK:CODE (model.py's names: `h.1.mlp:12`, `h.0.attn_heads:2:517` for head 2), comma-separated.
+Forcing and removal apply at every prompt and generated token. Forcing (mode): "one" puts each forced code in
+place of the lowest-scoring active code (the last slot of the top-k; as the paper does) unless it is active
+already; "all" makes the forced codes the only active ones. Removal (ablate_to): "next" bans the code before the
+top-k, so the next best takes its place; "zero" drops it (its slot adds nothing).
 
 The FSM swap (paper Fig. 4). Pick random pairs (A, B) of states with disjoint successor sets. Build a context
 that ends in A (BOS + `context_states` states of a walk, the last being A) and one that ends in B, and read
@@ -35,29 +33,26 @@ Then, averaged over the pairs:
     JSD     = JSD(p_patched, p_B) / JSD(p_A, p_B) with JSD(p, q) = KL(p || m) / 2 + KL(q || m) / 2, m = (p + q) / 2,
               natural log, over the S + 1 outcomes: 1 = no effect (the unpatched A context), 0 = exactly B.
 Site groups: all (attention + MLP codebooks), mlp, attn, and each layer alone.
-
-TinyStories topic steering (paper Table 3): 4 prompts x 10 samples of 200 tokens at temperature 1, with and
-without the topic's codes forced (its best code, or the best `codes_per_topic`, as analyze.py ranks them);
-success = the topic's regex (analyze.TOPICS) matches the sample.
-Errors (an unknown site, head or code) stop with one line naming it and listing what exists.
+topics.py steers language models towards topics with these interventions (paper Table 3).
 """
 
 import json
 import os
-import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Optional
 
 import torch
 
+from evaluate import evaluate_fsm, evaluate_lm
 from fsm import TokFSM
-from train import ConfigError, evaluate_fsm, evaluate_lm, load_checkpoint, load_tokens, model_from_checkpoint, parse_args
+from utils import (ConfigError, atomic_write, cli, is_device, is_out_dir, load_run, load_tokenizer, load_tokens,
+                   parse_config, spec, split_list, validate)
 
-PROMPTS = ["", "Once upon a time,", "Once there was a", "A long time ago,"]
-TOPICS = {"dragon": "dragon", "slide": "slide", "friend": "friend", "flower": "flower", "fire": "fire",
-          "baby": "baby", "princess": "prince|crown|king|castle"}  # as analyze.TOPICS
+
+
+def _save_path(path):
+    return is_out_dir(os.path.dirname(os.path.abspath(path))) if path else None
 
 
 @dataclass
@@ -65,45 +60,35 @@ class SteerConfig:
     """Steering. Defaults: the TokFSM swap on out/ckpt.pt, 500 pairs."""
 
     out_dir: str = "out"  # the run whose ckpt.pt is steered
-    task: str = "fsm"  # "fsm" (the swap), "generate", "topics" or "ablate"
+    task: str = spec("fsm", ("fsm", "generate", "ablate"))  # fsm: the swap
     force: str = ""  # codes to force on, BOOK:CODE,...
     ablate: str = ""  # codes to remove, BOOK:CODE,...
-    mode: str = "one"  # forcing: "one" (replace the lowest-scoring active code) or "all" (replace all k)
-    ablate_to: str = "next"  # removal: "next" (the next best code) or "zero" (nothing)
+    mode: str = spec("one", ("one", "all"))  # forcing: replace the lowest-scoring active code, or all k
+    ablate_to: str = spec("next", ("next", "zero"))  # removal: the next best code takes its place, or nothing
     start: str = ""  # generate: the prompt after BOS (TokFSM: digits, e.g. "42")
-    num_samples: int = 4  # generate: samples
-    max_new_tokens: int = 200  # generate, topics: new tokens per sample (TokFSM: up to block_size)
-    temperature: float = 1.0
-    pairs: int = 500  # fsm: random (A, B) state pairs
-    context_states: int = 1  # fsm: states in the context, the last being A (or B)
-    patch: str = "state+next"  # fsm: positions patched: "last", "state" or "state+next" (module docstring)
-    topic_codes: str = ""  # topics: JSON {topic: [BOOK:CODE, ...]} as written by analyze.py
-    topics: str = ",".join(TOPICS)  # topics: the topics to steer towards
-    codes_per_topic: int = 1  # topics: force each topic's best N codes (the paper's Table 3: one)
-    samples_per_prompt: int = 10  # topics: samples per prompt (4 prompts)
+    num_samples: int = spec(4, ">= 1")  # generate: samples
+    max_new_tokens: int = spec(200, ">= 1")  # generate: new tokens per sample (TokFSM: up to block_size)
+    temperature: float = spec(1.0, ">= 0")  # 0 = greedy
+    pairs: int = spec(500, ">= 1")  # fsm: random (A, B) state pairs
+    context_states: int = spec(1, ">= 1")  # fsm: states in the context, the last being A (or B)
+    patch: str = spec("state+next", ("last", "state", "state+next"))  # fsm: positions patched (module docstring)
     dataset: Optional[str] = None  # LM: the data/prepare.py directory; None = the checkpoint's
-    eval_seqs: int = 2048  # ablate: eval sequences (TokFSM) or val windows (LM)
-    seed: int = 1337
-    device: str = "auto"
-    save: str = ""  # write the results as JSON to this file
+    eval_seqs: int = spec(2048, ">= 1")  # ablate: eval sequences (TokFSM) or val windows (LM)
+    seed: int = spec(1337, ">= 0")
+    device: str = spec("auto", check=is_device)
+    save: str = spec("", check=_save_path)  # write the results as JSON to this file
+
+    def __post_init__(self):
+        validate(self)
 
 
 # ---------------------------------------------------------------------------------------------- naming codes
-def book_names(model):
-    """{book: (site, group, CodebookLayer)}; per-head codebooks have one book per head, `site:head`."""
-    out = {}
-    for site, cb in model.codebooks():
-        for g in range(cb.groups):
-            out[site if cb.groups == 1 else f"{site}:{g}"] = (site, g, cb)
-    return out
-
-
 def parse_codes(model, text):
-    """"h.1.mlp_cb:12,h.0.attn.codebook:2:517" -> [(site, group, code)]; ConfigError naming what does not exist."""
-    named, out = book_names(model), []
+    """"h.1.mlp:12,h.0.attn_heads:2:517" -> [(codebook, group, code)]; ConfigError naming what does not exist."""
+    named, out = {book: (name, g, cb) for book, name, g, cb in model.books()}, []
     sites = dict(model.codebooks())
     listing = ", ".join(f"{s} ({cb.groups} heads, as {s}:0..{cb.groups - 1})" if cb.groups > 1 else s for s, cb in sites.items())
-    for item in [t.strip() for t in text.split(",") if t.strip()]:
+    for item in split_list(text):
         book, _, code = item.rpartition(":")
         if book not in named:
             what = f"site {book!r} has {sites[book].groups} heads: name one, e.g. {book}:0:{code}" if book in sites else \
@@ -157,11 +142,9 @@ def drop_codes(idx, banned):
 def intervene(model, force=(), ablate=(), mode="one", ablate_to="next"):
     """Within the block, every forward of `model` forces and removes codes at every token.
 
-    force, ablate: [(site, group, code)] as from parse_codes. Restores the codebooks' hooks and masks on exit."""
-    if mode not in ("one", "all"):
-        raise ConfigError(f"mode must be 'one' or 'all', got {mode!r}")
-    if ablate_to not in ("next", "zero"):
-        raise ConfigError(f"ablate_to must be 'next' or 'zero', got {ablate_to!r}")
+    force, ablate: [(codebook, group, code)] as from parse_codes; mode "one" or "all", ablate_to "next" or "zero"
+    (module docstring). Restores the codebooks' hooks and masks on exit. Raises ConfigError when more codes are
+    forced into one group than it has slots (k)."""
     sites = dict(model.codebooks())
     saved = {s: (cb.hook, cb.banned) for s, cb in sites.items()}
     try:
@@ -278,9 +261,7 @@ def fsm_swap(model, fsm, pairs=500, context_states=1, patch="state+next", groups
 
     Returns {group: {"success", "stay": p(successors of A), "jsd": normalised, "first_digit": p(the next state's
     first digit begins a successor of B)}}, plus "none" (the plain A run: JSD 1) and "B" (the plain B run: the
-    ceiling of success)."""
-    if patch not in ("last", "state", "state+next"):
-        raise ConfigError(f"patch must be 'last', 'state' or 'state+next', got {patch!r}")
+    ceiling of success). patch: "last", "state" or "state+next"."""
     g = torch.Generator().manual_seed(seed)
     S, D = fsm.num_states, fsm.digits
     disjoint = ~(fsm.adj.float() @ fsm.adj.float().t()).bool()  # (S, S) successor sets share no state
@@ -319,7 +300,7 @@ def fsm_swap(model, fsm, pairs=500, context_states=1, patch="state+next", groups
             for name, r in res.items()}
 
 
-# ---------------------------------------------------------------------------------------------- generation, topics, ablation
+# ---------------------------------------------------------------------------------------------- generation, ablation
 def encode_prompt(codec, start, fsm_run):
     """BOS/EOT followed by the prompt: digits for TokFSM, text for an LM."""
     if fsm_run:
@@ -339,37 +320,6 @@ def generate(model, prompt, n, max_new_tokens, temperature=1.0, seed=0, **interv
         return model.generate(idx, max_new_tokens, temperature=temperature, generator=gen).cpu()
 
 
-def topic_steering(model, codec, topic_codes, topics, per_prompt=10, max_new_tokens=200, temperature=1.0, seed=0,
-                   mode="one", prompts=PROMPTS):
-    """Per topic, the fraction of samples whose text matches the topic regex, without and with its codes forced.
-
-    Args:
-        codec: has encode(list[str]) -> list[list[int]], decode(list[int]) -> str and eot (data/prepare.py's Codec).
-        topic_codes: {topic: [(site, group, code)]}; topics: {topic: regex} (matched case-insensitively).
-    Returns:
-        {topic: {"baseline": rate, "steered": rate, "codes": n}} and the samples {topic or "baseline": [text]}.
-    """
-    import re
-
-    def sample(force):
-        texts = []
-        for i, p in enumerate(prompts):
-            out = generate(model, encode_prompt(codec, p, False), per_prompt, max_new_tokens, temperature,
-                           seed + i, force=force, mode=mode)
-            texts += [codec.decode(row[1:]) for row in out.tolist()]
-        return texts
-
-    samples = {"baseline": sample(())}
-    res = {}
-    for topic, regex in topics.items():
-        pat = re.compile(regex, re.I)
-        samples[topic] = sample(topic_codes.get(topic, ()))
-        rate = lambda texts: sum(bool(pat.search(t)) for t in texts) / len(texts)  # noqa: E731
-        res[topic] = {"baseline": rate(samples["baseline"]), "steered": rate(samples[topic]),
-                      "codes": len(topic_codes.get(topic, ()))}
-    return res, samples
-
-
 def ablation(model, evaluate, **intervention):
     """evaluate(model) -> {metric: value}, without and under `intervene(**intervention)`, and the differences."""
     base = evaluate(model)
@@ -379,99 +329,77 @@ def ablation(model, evaluate, **intervention):
 
 
 # ---------------------------------------------------------------------------------------------- main
-def main(argv):
-    preset, cli = parse_args(argv, (SteerConfig,))
-    cfg = SteerConfig(**{**preset, **cli})
-    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model = model_from_checkpoint(ckpt).to(device).eval()
-    tc = ckpt["train_config"]
-    fsm_run = tc.get("dataset", "fsm") == "fsm"
-    fsm = TokFSM(tc["num_states"], tc["num_edges"], tc["fsm_seed"]) if fsm_run else None
-    force, ablate = parse_codes(model, cfg.force), parse_codes(model, cfg.ablate)
-    if not model.codebooks():
-        raise ConfigError(f"{cfg.out_dir} has no codebooks: nothing to steer")
-    codec = None
-    if not fsm_run:
-        from data.prepare import PrepareError, load_tokenizer
+def task_fsm(cfg, model, fsm):
+    if cfg.context_states * fsm.digits + 1 + fsm.digits - 1 > model.config.block_size:
+        raise ConfigError(f"context_states={cfg.context_states} does not fit block_size={model.config.block_size}: "
+                          "lower it")
+    res = fsm_swap(model, fsm, cfg.pairs, cfg.context_states, cfg.patch, seed=cfg.seed)
+    print(f"FSM swap over {cfg.pairs} pairs (A, B) with disjoint successors; context of {cfg.context_states} "
+          f"state(s), patching the {cfg.patch} position(s)")
+    print(f"  {'patched sites':14s} {'success':>8s} {'to A':>7s} {'JSD/JSD0':>9s} {'1st digit':>10s}")
+    for name, r in res.items():
+        label = {"none": "none (A)", "B": "B itself"}.get(name, name)
+        print(f"  {label:14s} {100 * r['success']:7.1f}% {100 * r['stay']:6.1f}% {r['jsd']:9.3f} "
+              f"{100 * r['first_digit']:9.1f}%")
+    return res
 
-        try:
-            codec, _ = load_tokenizer(cfg.dataset or tc["dataset"])
-        except PrepareError as e:
-            raise ConfigError(str(e)) from None
-    torch.manual_seed(cfg.seed)
 
-    if cfg.task == "fsm":
-        if not fsm_run:
-            raise ConfigError(f"{cfg.out_dir} is a language model: --task=fsm needs a TokFSM run")
-        if cfg.context_states * fsm.digits + 1 + fsm.digits - 1 > model.config.block_size:
-            raise ConfigError(f"context_states={cfg.context_states} does not fit block_size={model.config.block_size}")
-        res = fsm_swap(model, fsm, cfg.pairs, cfg.context_states, cfg.patch, seed=cfg.seed)
-        print(f"FSM swap over {cfg.pairs} pairs (A, B) with disjoint successors; context of {cfg.context_states} "
-              f"state(s), patching the {cfg.patch} position(s)")
-        print(f"  {'patched sites':14s} {'success':>8s} {'to A':>7s} {'JSD/JSD0':>9s} {'1st digit':>10s}")
-        for name, r in res.items():
-            label = {"none": "none (A)", "B": "B itself"}.get(name, name)
-            print(f"  {label:14s} {100 * r['success']:7.1f}% {100 * r['stay']:6.1f}% {r['jsd']:9.3f} "
-                  f"{100 * r['first_digit']:9.1f}%")
-    elif cfg.task == "generate":
-        prompt = encode_prompt(codec, cfg.start, fsm_run)
-        new = min(cfg.max_new_tokens, model.config.block_size - len(prompt)) if fsm_run else cfg.max_new_tokens
-        out = generate(model, prompt, cfg.num_samples, new, cfg.temperature, cfg.seed, force=force, ablate=ablate,
-                       mode=cfg.mode, ablate_to=cfg.ablate_to)
-        res = {"samples": []}
-        for row in out.tolist():
-            text = " ".join(str(s) for s in fsm.tokens_to_states(torch.tensor(row[1:])).tolist()) if fsm_run \
-                else codec.decode(row[1:])
-            res["samples"].append(text)
-            print(text)
-            print("---------------")
-        if fsm_run and out.shape[1] >= 2 * fsm.digits + 1:
-            res["valid"] = fsm.transition_accuracy(out)[0]
-            print(f"valid transitions: {100 * res['valid']:.1f}%")
-    elif cfg.task == "topics":
-        if fsm_run:
-            raise ConfigError(f"{cfg.out_dir} is a TokFSM run: --task=topics needs a language model")
-        if not os.path.isfile(cfg.topic_codes):
-            raise ConfigError(f"--topic_codes={cfg.topic_codes!r} not found: run analyze.py on this model first")
-        with open(cfg.topic_codes) as f:
-            found = json.load(f)
-        topics = {t: TOPICS.get(t, t) for t in cfg.topics.split(",") if t}
-        if cfg.codes_per_topic < 1:
-            raise ConfigError(f"codes_per_topic={cfg.codes_per_topic} must be >= 1")
-        chosen = {t: ",".join(found.get(t, [])[: cfg.codes_per_topic]) for t in topics}  # each topic's best codes
-        codes = {t: parse_codes(model, chosen[t]) for t in topics}
-        res, samples = topic_steering(model, codec, codes, topics, cfg.samples_per_prompt, cfg.max_new_tokens,
-                                      cfg.temperature, cfg.seed, cfg.mode)
-        print(f"  {'topic':10s} {'baseline':>9s} {'steered':>8s}  code")
-        for t, r in res.items():
-            print(f"  {t:10s} {100 * r['baseline']:8.1f}% {100 * r['steered']:7.1f}%  {chosen[t] or '-'}")
-    elif cfg.task == "ablate":
-        if not ablate:
-            raise ConfigError("--task=ablate needs --ablate=BOOK:CODE,...")
-        autocast = nullcontext()
-        if fsm_run:
-            x, y = fsm.eval_set(cfg.eval_seqs, model.config.block_size)
-            ecfg = SimpleNamespace(eval_samples=1000, seed=cfg.seed)
-            evaluate = lambda m: evaluate_fsm(m, fsm, x, y, ecfg, device, autocast)  # noqa: E731
-        else:
-            _, val = load_tokens(cfg.dataset or tc["dataset"], model.config.block_size, model.config.vocab_size)
-            ix = torch.arange(min(cfg.eval_seqs, (len(val) - 1) // model.config.block_size)) * model.config.block_size
-            evaluate = lambda m: evaluate_lm(m, val, ix, 64, device, autocast)  # noqa: E731
-        res = ablation(model, evaluate, ablate=ablate, ablate_to=cfg.ablate_to)
-        model.eval()
-        for k, r in res.items():
-            print(f"  {k:10s} {r['base']:.4f} -> {r['ablated']:.4f}  (delta {r['delta']:+.4f})")
+def task_generate(cfg, model, fsm, codec):
+    prompt = encode_prompt(codec, cfg.start, fsm is not None)
+    new = min(cfg.max_new_tokens, model.config.block_size - len(prompt)) if fsm else cfg.max_new_tokens
+    if new < 1:
+        raise ConfigError(f"--start={cfg.start!r} leaves no room in block_size={model.config.block_size}: shorten it")
+    out = generate(model, prompt, cfg.num_samples, new, cfg.temperature, cfg.seed, force=parse_codes(model, cfg.force),
+                   ablate=parse_codes(model, cfg.ablate), mode=cfg.mode, ablate_to=cfg.ablate_to)
+    res = {"samples": []}
+    for row in out.tolist():
+        text = " ".join(map(str, fsm.tokens_to_states(torch.tensor(row[1:])).tolist())) if fsm else codec.decode(row[1:])
+        res["samples"].append(text)
+        print(text)
+        print("---------------")
+    if fsm and out.shape[1] >= 2 * fsm.digits + 1:
+        res["valid"] = fsm.transition_accuracy(out)[0]
+        print(f"valid transitions: {100 * res['valid']:.1f}%")
+    return res
+
+
+def task_ablate(cfg, model, fsm, tc):
+    ablate = parse_codes(model, cfg.ablate)
+    if not ablate:
+        raise ConfigError("--task=ablate needs --ablate=BOOK:CODE,...")
+    T = model.config.block_size
+    if fsm:
+        x, y = fsm.eval_set(cfg.eval_seqs, T)
+        evaluate = lambda m: evaluate_fsm(m, fsm, x, y, 1000, cfg.seed)  # noqa: E731
     else:
-        raise ConfigError(f"task must be fsm, generate, topics or ablate, got {cfg.task!r}")
+        _, val = load_tokens(cfg.dataset or tc["dataset"], T, model.config.vocab_size)
+        ix = torch.arange(min(cfg.eval_seqs, (len(val) - 1) // T)) * T
+        evaluate = lambda m: evaluate_lm(m, val, ix, 64)  # noqa: E731
+    res = ablation(model, evaluate, ablate=ablate, ablate_to=cfg.ablate_to)
+    model.eval()
+    for k, r in res.items():
+        print(f"  {k:10s} {r['base']:.4f} -> {r['ablated']:.4f}  (delta {r['delta']:+.4f})")
+    return res
+
+
+def main(argv):
+    cfg = parse_config(argv, SteerConfig)
+    ckpt, model = load_run(cfg.out_dir, cfg.device)
+    if not model.codebooks():
+        raise ConfigError(f"{cfg.out_dir} has no codebooks: nothing to steer; train with codebooks")
+    tc = ckpt["train_config"]
+    fsm = TokFSM(tc["num_states"], tc["num_edges"], tc["fsm_seed"]) if tc.get("dataset", "fsm") == "fsm" else None
+    parse_codes(model, cfg.force), parse_codes(model, cfg.ablate)  # name errors first
+    if fsm is None and cfg.task == "fsm":
+        raise ConfigError(f"{cfg.out_dir} is a language model: --task=fsm needs a TokFSM run")
+    codec = None if fsm else load_tokenizer(cfg.dataset or tc["dataset"])[0]
+    torch.manual_seed(cfg.seed)
+    res = {"fsm": lambda: task_fsm(cfg, model, fsm), "generate": lambda: task_generate(cfg, model, fsm, codec),
+           "ablate": lambda: task_ablate(cfg, model, fsm, tc)}[cfg.task]()
     if cfg.save:
-        os.makedirs(os.path.dirname(cfg.save) or ".", exist_ok=True)
-        with open(cfg.save, "w") as f:
+        with atomic_write(cfg.save) as f:
             json.dump({"config": cfg.__dict__, "results": res}, f, indent=1)
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    cli(main)

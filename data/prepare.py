@@ -47,7 +47,6 @@ Hugging Face GPT-NeoX repo into --out (default data/<name>, e.g. data/pythia-70m
 Errors (a missing file, a failed download, a tokenizer that is not r50k_base) stop with one line.
 """
 
-import argparse
 import hashlib
 import itertools
 import json
@@ -57,81 +56,22 @@ import shutil
 import sys
 import urllib.request
 import zipfile
-from collections import namedtuple
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
-EOT = "<|endoftext|>"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
+from utils import (EOT, GPT2_SHA256, ConfigError, atomic_write, cli, is_out_dir, load_codec, parse_args,  # noqa: E402
+                   read_text, spec, staged_dir, validate)
+
 GPT2_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
-GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # tiktoken's expected hash
 NEOX_REPO = "EleutherAI/pythia-70m"  # every Pythia ships the same GPT-NeoX-20B tokenizer.json
 TINYSTORIES_REPO = "roneneldan/TinyStories"
 TINYSTORIES_FILES = {"train": "TinyStories-train.txt", "val": "TinyStories-valid.txt"}
 WIKITEXT_ZIP = "https://wikitext.smerity.com/wikitext-103-v1.zip"  # the original release, as HF's builder used
 TITLE = re.compile(r"^(?= = [^=\n].* = $)", re.M)  # the start of a top-level title line ` = Title = `
 VAL_EVERY = 10  # WikiText without a train file: every 10th article of valid goes to val
-
-
-class PrepareError(Exception):
-    """A problem with the inputs: the message names it and the fix."""
-
-
-# ---------------------------------------------------------------------------------------------- tokenizers
-Codec = namedtuple("Codec", "name encode decode eot vocab_size")
-Codec.__doc__ = """One face for both tokenizers: encode(list[str]) -> list[list[int]] (text only, no special
-tokens, so a literal "<|endoftext|>" in the text is just text), decode(list[int]) -> str, the end-of-text id,
-and vocab_size (every id is below it)."""
-
-
-def gpt2_tokenizer(path=None):
-    """GPT-2 BPE (r50k_base) as a tiktoken.Encoding.
-
-    path: a local r50k_base.tiktoken (offline; its sha256 must be tiktoken's), or None for
-    tiktoken.get_encoding("r50k_base"), which downloads once into tiktoken's cache (TIKTOKEN_CACHE_DIR).
-    Raises ValueError for a file that is not r50k_base."""
-    import tiktoken
-    from tiktoken.load import load_tiktoken_bpe
-    from tiktoken_ext.openai_public import r50k_pat_str
-
-    if path is None:
-        return tiktoken.get_encoding("r50k_base")
-    ranks = load_tiktoken_bpe(path, expected_hash=GPT2_SHA256)
-    return tiktoken.Encoding("r50k_base", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={EOT: 50256})
-
-
-def neox_tokenizer(path=None):
-    """Pythia's GPT-NeoX-20B BPE as a tokenizers.Tokenizer (50,277 tokens, <|endoftext|> = 0).
-
-    path: a local tokenizer.json, or None to download the one of EleutherAI/pythia-70m."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(path or hf_file(NEOX_REPO, "tokenizer.json", "model"))
-    tok.encode_special_tokens = True  # "<|endoftext|>" in the text is text, as tiktoken's encode_ordinary
-    return tok
-
-
-def load_codec(name, path):
-    """Codec for name "gpt2" (path: a .tiktoken file) or "neox" (path: a tokenizer.json)."""
-    if name == "gpt2":
-        enc = gpt2_tokenizer(path)
-        return Codec("gpt2", enc.encode_ordinary_batch, enc.decode, enc.eot_token, enc.n_vocab)
-    if name == "neox":
-        tok = neox_tokenizer(path)
-        encode = lambda docs: [e.ids for e in tok.encode_batch(docs, add_special_tokens=False)]  # noqa: E731
-        decode = lambda ids: tok.decode(list(ids), skip_special_tokens=False)  # noqa: E731
-        return Codec("neox", encode, decode, tok.token_to_id(EOT), tok.get_vocab_size())
-    raise PrepareError(f"unknown tokenizer {name!r}: 'gpt2' or 'neox'")
-
-
-def load_tokenizer(data_dir):
-    """(Codec, meta) of a prepared dataset directory, from its meta.json and its copy of the tokenizer.
-    Raises PrepareError when meta.json is missing."""
-    path = os.path.join(data_dir, "meta.json")
-    if not os.path.isfile(path):
-        raise PrepareError(f"{path} not found: run data/prepare.py to prepare {data_dir}")
-    with open(path) as f:
-        meta = json.load(f)
-    return load_codec(meta["tokenizer"], os.path.join(data_dir, meta["tokenizer_file"])), meta
 
 
 # ---------------------------------------------------------------------------------------------- downloads
@@ -141,7 +81,7 @@ def _offline(what, e, hint):
 
 
 def fetch(url, dest, hint):
-    """Download url to dest with urllib (skipped if dest exists). Raises PrepareError when it fails."""
+    """Download url to dest with urllib (skipped if dest exists). Raises ConfigError when it fails."""
     if os.path.exists(dest):
         return dest
     os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
@@ -152,7 +92,7 @@ def fetch(url, dest, hint):
         with urllib.request.urlopen(url, timeout=60) as r, open(dest + ".part", "wb") as f:
             shutil.copyfileobj(r, f, 1 << 20)
     except (OSError, ConnectionError) as e:  # URLError and timeouts are OSErrors
-        raise PrepareError(_offline(url, e, hint)) from None
+        raise ConfigError(_offline(url, e, hint)) from None
     os.replace(dest + ".part", dest)
     return dest
 
@@ -170,7 +110,7 @@ def hf_file(repo, filename, repo_type, out_dir=None, hint="see data/prepare.py's
     try:
         return hf_hub_download(repo, filename, repo_type=repo_type)
     except Exception as e:  # offline, gated, renamed: the hub raises many kinds
-        raise PrepareError(_offline(f"{repo}/{filename}", e, hint)) from None
+        raise ConfigError(_offline(f"{repo}/{filename}", e, hint)) from None
 
 
 def wikitext_download(raw):
@@ -188,7 +128,7 @@ def wikitext_download(raw):
         try:
             ds = datasets.load_dataset("Salesforce/wikitext", "wikitext-103-v1")
         except Exception as e:
-            raise PrepareError(_offline("HF wikitext/wikitext-103-v1", e, hint)) from None
+            raise ConfigError(_offline("HF wikitext/wikitext-103-v1", e, hint)) from None
         for split, s in (("train", "train"), ("validation", "valid"), ("test", "test")):
             with open(paths[s], "w", encoding="utf-8") as f:  # HF rows are the file's lines; blank " " lines are ""
                 f.writelines(row if row else " \n" for row in ds[split]["text"])
@@ -203,7 +143,7 @@ def wikitext_download(raw):
 
 def pythia_download(repo, out):
     """config.json, weights and tokenizer.json of the HF repo (e.g. EleutherAI/pythia-70m-deduped) in out/.
-    Returns out. Files already in out/ are kept. Raises PrepareError when a download fails (offline, no
+    Returns out. Files already in out/ are kept. Raises ConfigError when a download fails (offline, no
     such repo, or neither model.safetensors nor pytorch_model.bin)."""
     os.makedirs(out, exist_ok=True)
     hint = f"or copy a download of {repo} (config.json, model.safetensors, tokenizer.json) into {out}"
@@ -221,7 +161,7 @@ def pythia_download(repo, out):
     if not any(os.path.exists(os.path.join(out, w)) for w in ("model.safetensors", "pytorch_model.bin")):
         try:
             get("model.safetensors")
-        except PrepareError:  # older repos ship only the pickle
+        except ConfigError:  # older repos ship only the pickle
             get("pytorch_model.bin")
     return out
 
@@ -255,8 +195,7 @@ def tinystories_docs(path):
 
 def wikitext_articles(path):
     """The articles of a WikiText .tokens file, each from its ` = Title = ` line: "".join(them) is the file."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(path, "WikiText file")
     first, *rest = TITLE.split(text)
     if not rest:
         return [first] if first else []
@@ -272,131 +211,141 @@ def batched(it, n):
 
 def write_tokens(docs, codec, path, batch=1024):
     """Tokenize documents (an iterable of str) `batch` at a time, each followed by eot, into a flat uint16
-    file: written to path.tmp, then renamed. Returns (tokens, documents)."""
+    file. Returns (tokens, documents)."""
     tokens = n_docs = 0
-    with open(path + ".tmp", "wb") as f:
+    with open(path, "wb") as f:
         for chunk in batched(docs, batch):
             ids = codec.encode(chunk)
             arr = np.concatenate([np.array(i + [codec.eot], dtype=np.uint16) for i in ids])  # (tokens,)
             arr.tofile(f)
             tokens, n_docs = tokens + arr.size, n_docs + len(chunk)
-    os.replace(path + ".tmp", path)
     return tokens, n_docs
 
 
-def copy_tokenizer(name, path, out):
-    """Put the tokenizer file in out (downloading it when path is None); returns the copy's file name."""
-    dest = os.path.join(out, "tokenizer.tiktoken" if name == "gpt2" else "tokenizer.json")
-    if path is None and os.path.isfile(dest):  # prepared before: keep that copy
-        path = dest
-    if path is None:
-        path = (fetch(GPT2_URL, dest + ".download", "--tokenizer=r50k_base.tiktoken") if name == "gpt2"
-                else hf_file(NEOX_REPO, "tokenizer.json", "model", out, "--tokenizer=tokenizer.json"))
-    if not os.path.isfile(path):
-        raise PrepareError(f"--tokenizer={path}: no such file")
+def tokenizer_file(name, path, downloads):
+    """A local tokenizer file: `path`, or (None) the download cached in `downloads`. gpt2 files must be r50k_base."""
+    if path is None and name == "gpt2":
+        path = fetch(GPT2_URL, os.path.join(downloads, "r50k_base.tiktoken"), "--tokenizer=r50k_base.tiktoken")
+    elif path is None:
+        path = hf_file(NEOX_REPO, "tokenizer.json", "model", downloads, "--tokenizer=tokenizer.json")
     if name == "gpt2":
         with open(path, "rb") as f:
             if hashlib.sha256(f.read()).hexdigest() != GPT2_SHA256:
-                raise PrepareError(f"--tokenizer={path} is not r50k_base.tiktoken (its sha256 differs from tiktoken's)")
-    if not os.path.exists(dest) or not os.path.samefile(path, dest):
-        shutil.copyfile(path, dest)
-    if path == dest + ".download":
-        os.remove(path)
-    return os.path.basename(dest)
-
-
-def need_file(flag, path):
-    if not os.path.isfile(path):
-        raise PrepareError(f"--{flag}={path}: no such file")
+                raise ConfigError(f"--tokenizer={path} is not r50k_base.tiktoken (its sha256 differs from tiktoken's): "
+                                  "pass the GPT-2 BPE file")
     return path
 
 
 # ---------------------------------------------------------------------------------------------- main
-def prepare(args):
-    """Tokenize one dataset into args.out; returns meta (also written to args.out/meta.json)."""
+DATASETS = ("tinystories", "wikitext", "pythia")
+
+
+def _is_file(path):
+    return None if os.path.isfile(path) else "is not a file: check the path"
+
+
+@dataclass
+class PrepareConfig:
+    """The flags of `python data/prepare.py DATASET --key=value ...`; every path is optional."""
+
+    train: Optional[str] = spec(None, check=_is_file)  # a local train text file (both datasets)
+    val: Optional[str] = spec(None, check=_is_file)  # tinystories: a local validation text file
+    valid: Optional[str] = spec(None, check=_is_file)  # wikitext: a local wiki.valid.tokens
+    test: Optional[str] = spec(None, check=_is_file)  # wikitext: a local wiki.test.tokens
+    tokenizer: Optional[str] = spec(None, check=_is_file)  # r50k_base.tiktoken (tinystories), tokenizer.json (wikitext)
+    model: str = ""  # pythia: a HF repo, e.g. EleutherAI/pythia-70m-deduped
+    out: Optional[str] = spec(None, check=is_out_dir)  # default data/<dataset>, or data/<model name> for pythia
+
+    def __post_init__(self):
+        validate(self)
+
+
+def sources_of(dataset, args, downloads):
+    """{split: text file} of the dataset, local or downloaded, after checking which flags go together."""
+    if dataset == "tinystories":
+        if args.valid or args.test:
+            raise ConfigError("tinystories takes --train and --val (--valid/--test are for wikitext)")
+        if (args.train is None) != (args.val is None):
+            raise ConfigError("give both --train and --val, or neither to download TinyStories")
+        if args.train is not None:
+            return {"train": args.train, "val": args.val}
+        hint = "--train=TinyStories-train.txt --val=TinyStories-valid.txt"
+        return {s: hf_file(TINYSTORIES_REPO, f, "dataset", downloads, hint) for s, f in TINYSTORIES_FILES.items()}
+    if args.val:
+        raise ConfigError("wikitext takes --valid and --test (and optionally --train); --val is for tinystories")
+    if args.train is None and args.valid is None and args.test is None:
+        return wikitext_download(downloads)
+    if args.valid is None or args.test is None:
+        raise ConfigError("give --valid and --test (and optionally --train), or none of them to download")
+    return {s: getattr(args, s) for s in ("train", "valid", "test") if getattr(args, s)}
+
+
+def documents(dataset, sources):
+    """({split: iterable of documents}, how the splits were made)."""
+    if dataset == "tinystories":
+        return {s: tinystories_docs(p) for s, p in sources.items()}, \
+            "stories end at <|endoftext|> lines, else by the line rule in data/prepare.py"
+    arts = {s: wikitext_articles(p) for s, p in sources.items()}
+    if "train" in arts:
+        return {"train": arts["train"], "val": arts["valid"], "test": arts["test"]}, \
+            "as published: train, valid -> val, test"
+    valid = arts["valid"]
+    if len(valid) < VAL_EVERY:
+        raise ConfigError(f"{sources['valid']} holds {len(valid)} article(s): need >= {VAL_EVERY} to split off val")
+    return {"train": [a for i, a in enumerate(valid) if i % VAL_EVERY != VAL_EVERY - 1],
+            "val": valid[VAL_EVERY - 1 :: VAL_EVERY], "test": arts["test"]}, \
+        f"no train file: articles of valid, every {VAL_EVERY}th -> val, the rest -> train; test -> test"
+
+
+def prepare(dataset, args):
+    """Tokenize one dataset into args.out as a whole (a staged directory renamed into place when complete, so a
+    failure leaves an earlier dataset untouched); returns meta (also in args.out/meta.json)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    if args.dataset == "pythia":
+    if dataset == "pythia":
         if not args.model:
-            raise PrepareError("pythia needs --model=REPO, e.g. --model=EleutherAI/pythia-70m-deduped")
+            raise ConfigError("pythia needs --model=REPO, e.g. --model=EleutherAI/pythia-70m-deduped")
         out = args.out or os.path.join(here, args.model.rstrip("/").split("/")[-1])
         print(f"{args.model} -> {pythia_download(args.model, out)}")
         return None
     if args.model:
-        raise PrepareError("--model is for `pythia`; tinystories and wikitext take text files")
-    out = args.out or os.path.join(here, args.dataset)
-    os.makedirs(out, exist_ok=True)
-    if args.dataset == "tinystories":
-        if args.valid or args.test:
-            raise PrepareError("tinystories takes --train and --val (--valid/--test are for wikitext)")
-        if (args.train is None) != (args.val is None):
-            raise PrepareError("give both --train and --val, or neither to download TinyStories")
-        if args.train is None:
-            hint = "--train=TinyStories-train.txt --val=TinyStories-valid.txt"
-            sources = {s: hf_file(TINYSTORIES_REPO, f, "dataset", os.path.join(out, "raw"), hint)
-                       for s, f in TINYSTORIES_FILES.items()}
-        else:
-            sources = {"train": need_file("train", args.train), "val": need_file("val", args.val)}
-        tokenizer = "gpt2"
-        docs = {s: tinystories_docs(p) for s, p in sources.items()}
-        split = "stories end at <|endoftext|> lines, else by the line rule in data/prepare.py"
-    else:
-        if args.val:
-            raise PrepareError("wikitext takes --valid and --test (and optionally --train); --val is for tinystories")
-        if args.train is None and args.valid is None and args.test is None:
-            sources = wikitext_download(os.path.join(out, "raw"))
-        elif args.valid is None or args.test is None:
-            raise PrepareError("give --valid and --test (and optionally --train), or none of them to download")
-        else:
-            sources = {s: need_file(s, getattr(args, s)) for s in ("train", "valid", "test") if getattr(args, s)}
-        tokenizer = "neox"
-        arts = {s: wikitext_articles(p) for s, p in sources.items()}
-        if "train" in arts:
-            docs = {"train": arts["train"], "val": arts["valid"], "test": arts["test"]}
-            split = "as published: train, valid -> val, test"
-        else:
-            valid = arts["valid"]
-            if len(valid) < VAL_EVERY:
-                raise PrepareError(f"{sources['valid']} holds {len(valid)} article(s): "
-                                   f"need >= {VAL_EVERY} to split off val")
-            docs = {"train": [a for i, a in enumerate(valid) if i % VAL_EVERY != VAL_EVERY - 1],
-                    "val": valid[VAL_EVERY - 1 :: VAL_EVERY], "test": arts["test"]}
-            split = f"no train file: articles of valid, every {VAL_EVERY}th -> val, the rest -> train; test -> test"
+        raise ConfigError("--model is for `pythia`; tinystories and wikitext take text files")
+    out = args.out or os.path.join(here, dataset)
+    downloads = os.path.join(os.path.dirname(os.path.abspath(out)), "downloads")  # kept across runs
+    sources = sources_of(dataset, args, downloads)
+    name = "gpt2" if dataset == "tinystories" else "neox"
+    tok = tokenizer_file(name, args.tokenizer, downloads)
+    codec = load_codec(name, tok)
+    docs, split = documents(dataset, sources)
+    if dataset == "wikitext":
         sources = {"train": sources.get("train", sources["valid"]), "val": sources["valid"], "test": sources["test"]}
-
-    tok_file = copy_tokenizer(tokenizer, args.tokenizer, out)
-    try:
-        codec = load_codec(tokenizer, os.path.join(out, tok_file))
-    except Exception as e:  # a tokenizer.json that is not one, for instance
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise PrepareError(f"cannot load the tokenizer {args.tokenizer} ({type(e).__name__}: {first})") from None
-    assert codec.vocab_size <= 1 << 16, "uint16 token files need vocab_size <= 65536"
-    meta = dict(dataset=args.dataset, tokenizer=tokenizer, tokenizer_file=tok_file, vocab_size=codec.vocab_size,
-                eot_token=codec.eot, dtype="uint16", tokens={}, documents={}, split=split,
-                sources={s: os.path.abspath(p) for s, p in sources.items()})
-    for s, d in docs.items():
-        n_tok, n_doc = write_tokens(d, codec, os.path.join(out, f"{s}.bin"))
-        meta["tokens"][s], meta["documents"][s] = n_tok, n_doc
-        print(f"{s}: {n_doc:,} documents, {n_tok:,} tokens -> {os.path.join(out, s + '.bin')}")
-    with open(os.path.join(out, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=2)
+    with staged_dir(out) as tmp:
+        tok_file = "tokenizer.tiktoken" if name == "gpt2" else "tokenizer.json"
+        shutil.copyfile(tok, os.path.join(tmp, tok_file))
+        meta = dict(dataset=dataset, tokenizer=name, tokenizer_file=tok_file, vocab_size=codec.vocab_size,
+                    eot_token=codec.eot, dtype="uint16", tokens={}, documents={}, split=split,
+                    sources={s: os.path.abspath(p) for s, p in sources.items()})
+        for s, d in docs.items():
+            try:
+                n_tok, n_doc = write_tokens(d, codec, os.path.join(tmp, f"{s}.bin"))
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{sources[s]} is not UTF-8 text (byte {e.start}): convert it or pass another "
+                                  "file") from None
+            meta["tokens"][s], meta["documents"][s] = n_tok, n_doc
+            print(f"{s}: {n_doc:,} documents, {n_tok:,} tokens -> {os.path.join(out, s + '.bin')}")
+        with atomic_write(os.path.join(tmp, "meta.json")) as f:
+            json.dump(meta, f, indent=2)
     return meta
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset", choices=["tinystories", "wikitext", "pythia"])
-    p.add_argument("--train", help="a local train text file (both datasets)")
-    p.add_argument("--val", help="tinystories: a local validation text file")
-    p.add_argument("--valid", help="wikitext: a local wiki.valid.tokens")
-    p.add_argument("--test", help="wikitext: a local wiki.test.tokens")
-    p.add_argument("--tokenizer", help="a local r50k_base.tiktoken (tinystories) or tokenizer.json (wikitext)")
-    p.add_argument("--model", default="", help="pythia: a HF repo, e.g. EleutherAI/pythia-70m-deduped")
-    p.add_argument("--out", help="output directory (default data/<dataset>, or data/<model name> for pythia)")
-    try:
-        prepare(p.parse_args(argv))
-    except PrepareError as e:
-        sys.exit(f"error: {e}")
+def main(argv):
+    if not argv or argv[0] not in DATASETS:
+        raise ConfigError(f"name the dataset first: python data/prepare.py {{{','.join(DATASETS)}}} [--key=value ...]"
+                          f" (got {argv[0] if argv else 'nothing'!r})")
+    preset, flags = parse_args(argv[1:], (PrepareConfig,))
+    return prepare(argv[0], PrepareConfig(**{**preset, **flags}))
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)
+
+

@@ -1,4 +1,4 @@
-"""Shared test setup: the repo root is importable (`import fsm, codebook, model, train`) and every test
+"""Shared test setup: the repo root is importable (`import fsm, codebook, model, utils`) and every test
 starts from torch.manual_seed(0). CPU only."""
 
 import os
@@ -28,7 +28,7 @@ def write_gpt2_dataset(directory, text):
 
     import numpy as np
 
-    from data.prepare import load_codec
+    from utils import load_codec
 
     codec = load_codec("gpt2", GPT2_FILE)
     ids = np.array(codec.encode([text])[0] + [codec.eot], dtype=np.uint16)
@@ -40,3 +40,17 @@ def write_gpt2_dataset(directory, text):
         json.dump({"tokenizer": "gpt2", "tokenizer_file": "tokenizer.tiktoken", "vocab_size": 50257,
                    "eot_token": 50256}, f)
     return directory
+
+
+def write_tokens(d, ids, vocab_size=64, splits=("train", "val")):
+    """A data/prepare.py-like directory: train.bin and val.bin (uint16 ids) and meta.json. Returns d."""
+    import json
+
+    import numpy as np
+
+    os.makedirs(d)
+    for split in splits:
+        np.asarray(ids, dtype=np.uint16).tofile(os.path.join(d, f"{split}.bin"))
+    with open(os.path.join(d, "meta.json"), "w") as f:
+        json.dump({"tokenizer": "gpt2", "tokenizer_file": "none", "vocab_size": vocab_size}, f)
+    return d

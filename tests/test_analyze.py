@@ -11,6 +11,7 @@ from conftest import GPT2_FILE, write_gpt2_dataset
 import torch
 
 import analyze
+import report
 from fsm import TokFSM
 from model import GPT, GPTConfig
 from train import TrainConfig
@@ -107,14 +108,14 @@ def test_fsm_analysis_finds_perfect_state_codes():
     codes[:, 2::2, 0, 0] = states
     codes[:, 1::2, 0, 0] = 40  # first digits: an unrelated code
     cb = SimpleNamespace(num_codes=50, k=1)
-    col = {"tokens": x, "codes": {"h.0.mlp_cb": codes}, "books": [("h.0.mlp_cb", "h.0.mlp_cb", 0, cb)]}
+    col = {"tokens": x, "codes": {"h.0.mlp": codes}, "books": [("h.0.mlp", "h.0.mlp", 0, cb)]}
     summary, tables, concepts = analyze.fsm_analysis(col, fsm)
     seen = states.unique().tolist()  # a state without predecessors may not occur
     assert len(seen) >= 18 and summary["mlp"]["states_owning_code"] == summary["mlp"]["of"] == len(seen)
     assert summary["mlp"]["mean_precision"] == 1 and summary["mlp"]["mean_recall"] == 1
     assert [s["code"] for s in summary["mlp"]["per_state"]] == seen
-    assert concepts["h.0.mlp_cb"][7][0] == ("state 7", 1.0, 1.0)
-    assert summary["books"]["h.0.mlp_cb"]["state_digit"]["owned"] == 0  # one code per state, not per digit
+    assert concepts["h.0.mlp"][7][0] == ("state 7", 1.0, 1.0)
+    assert summary["books"]["h.0.mlp"]["state_digit"]["owned"] == 0  # one code per state, not per digit
 
 
 def test_fsm_analysis_first_state_readout_ignores_a_split_by_position():
@@ -127,7 +128,7 @@ def test_fsm_analysis_first_state_readout_ignores_a_split_by_position():
     codes[:, 2:9:2, 0, 0] = states[:, :4]
     codes[:, 10::2, 0, 0] = states[:, 4:] + 20
     cb = SimpleNamespace(num_codes=50, k=1)
-    col = {"tokens": x, "codes": {"h.0.mlp_cb": codes}, "books": [("h.0.mlp_cb", "h.0.mlp_cb", 0, cb)]}
+    col = {"tokens": x, "codes": {"h.0.mlp": codes}, "books": [("h.0.mlp", "h.0.mlp", 0, cb)]}
     m = analyze.fsm_analysis(col, fsm)[0]["mlp"]
     first = states[:, 0].unique()
     assert m["states_owning_code_first"] == m["of_first"] == len(first) >= 18
@@ -154,33 +155,20 @@ def test_regex_marks_tokens_and_concept_search_ranks_the_detector():
     col = {"tokens": x, "codes": {"s": codes}, "books": [("s", "s", 0, SimpleNamespace(num_codes=5, k=1))]}
     book, code, p, r, n = analyze.concept_search(col, mask, top=2)[0]
     assert (book, code, p, r, n) == ("s", 3, 1.0, 1.0, 4)
-    found = analyze.topic_codes(col, tok, "fire", window=0, min_count=1)
-    assert found["context"][0][:3] == ("s", 1, 1 / 8)  # " fire" is a code-1 token; 1 of code 1's 8 firings
-    assert found["dense"][0][:2] == ("s", 1)  # code 1 fires on 4 of 6 tokens of each text
-
-
-def test_dense_codes():
-    codes = torch.tensor([[0, 0, 0, 1], [2, 2, 1, 1]]).view(2, 4, 1)
-    assert analyze.dense_codes(codes, 3).tolist() == [[True, False, False], [False, False, False]]
-
-
-def test_parse_topics():
-    assert analyze.parse_topics("princess,sea=ocean|sea") == {"princess": "prince|crown|king|castle", "sea": "ocean|sea"}
-    with pytest.raises(analyze.ConfigError, match="unknown topic 'sea'"):
-        analyze.parse_topics("sea")
 
 
 # ---------------------------------------------------------------------------------------------- browser, CLI
 def test_browser_html_is_produced_and_holds_the_codes(tmp_path):
     model = tiny()
     col = analyze.collect_codes(model, [torch.randint(11, (8, 16))])
-    col["books"] = analyze.books(model)
+    col["books"] = model.books()
     path = tmp_path / "b.html"
-    analyze.write_browser(str(path), col, lambda row: [str(t) for t in row], n_codes=5)
+    stats = {b: analyze.code_stats(col["codes"][n][:, :, g], cb.num_codes) for b, n, g, cb in col["books"]}
+    report.write_browser(str(path), col, lambda row: [str(t) for t in row], stats, n_codes=5)
     text = path.read_text()
     assert text.startswith("<!DOCTYPE html>") and text.endswith("</html>") and "<mark>" in text
     for book, site, g, cb in col["books"]:
-        st = analyze.code_stats(col["codes"][site][:, :, g], cb.num_codes)
+        st = stats[book]
         top = int(st["counts"].argmax())
         assert f"id='{book}'" in text and f"id='{book}-{top}'" in text
         assert f"<td>{top}</td><td>{int(st['counts'][top])}</td>" in text
@@ -197,21 +185,20 @@ def test_cli_fsm_writes_everything(tmp_path):
     summary = json.loads((out / "fsm.json").read_text())
     assert 0 <= summary["mlp"]["states_owning_code"] <= 20 and 0 <= summary["neurons"]["mean_precision"] <= 1
     col = torch.load(out / "codes.pt", weights_only=True)
-    assert col["codes"]["h.0.mlp_cb"].shape == (64, 16, 1, 1)
+    assert col["codes"]["h.0.mlp"].shape == (64, 16, 1, 1)
     analyze.main([f"--out_dir={tmp_path / 'run'}", f"--save_dir={out}", f"--codes={out / 'codes.pt'}", "--device=cpu"])
 
 
 @pytest.mark.skipif(not os.path.isfile(GPT2_FILE), reason="../shared/data tokenizers are not here")
-def test_cli_language_model_topic_codes(tmp_path):
+def test_cli_language_model_regex_concepts(tmp_path):
     text = "Once upon a time there was a dragon. The dragon saw a king in a castle. A baby had a flower. " * 16
     data = write_gpt2_dataset(tmp_path / "data", text)
     model = tiny(k=2, sites="attn_heads", vocab=50257, layers=1)
     save_ckpt(model, tmp_path / "run", dataset=str(data))
     out = tmp_path / "an"
-    analyze.main([f"--out_dir={tmp_path / 'run'}", f"--save_dir={out}", "--regex= dragon", "--device=cpu",
-                  "--topics=dragon,princess,baby"])
-    found = json.loads((out / "topic_codes.json").read_text())
-    assert set(found) == {"dragon", "princess", "baby", "regex"} and all(found.values())
-    assert all(spec.startswith("h.0.attn.codebook:") for spec in found["dragon"])
+    analyze.main([f"--out_dir={tmp_path / 'run'}", f"--save_dir={out}", "--regex= dragon", "--device=cpu"])
+    found = json.loads((out / "concepts.json").read_text())
+    assert found["regex"] == " dragon" and found["tokens"]
+    assert all(book.startswith("h.0.attn_heads:") for book, *_ in found["tokens"])
     html = (out / "browser.html").read_text()
     assert " dragon" in html and "<mark>" in html

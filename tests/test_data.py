@@ -14,7 +14,9 @@ import pytest
 import torch
 
 import train
-from data.prepare import EOT, gpt2_tokenizer, load_tokenizer, neox_tokenizer
+from evaluate import evaluate_lm
+from model import GPT, GPTConfig
+from utils import EOT, gpt2_tokenizer, load_tokenizer, load_tokens, neox_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared", "data")
@@ -242,13 +244,13 @@ def test_lm_training_logs_eval_metrics_and_samples(ts, tmp_path):
 def test_lm_eval_windows_are_fixed(ts):
     """Two evaluations of the same weights see the same windows; bypass flags are restored after dloss."""
     data, _, _ = ts
-    train_data, val = train.load_tokens(str(data), 32, 50304)
-    model = train.GPT(train.GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=32, vocab_size=50304,
-                                      codebook_sites="attn_heads", k=2, num_codes=16))
+    train_data, val = load_tokens(str(data), 32, 50304)
+    model = GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=32, vocab_size=50304,
+                          codebook_sites="attn_heads", k=2, num_codes=16))
     ix = torch.randint(len(val) - 32, (8,), generator=torch.Generator().manual_seed(1234))
     off = torch.autocast("cpu", enabled=False)
-    a = train.evaluate_lm(model, val, ix, 4, "cpu", off)
-    b = train.evaluate_lm(model, val, ix, 4, "cpu", off)
+    a = evaluate_lm(model, val, ix, 4, off)
+    b = evaluate_lm(model, val, ix, 4, off)
     assert a == b and a["dloss"] != 0
     assert not any(cb.bypass for _, cb in model.codebooks()) and model.training
 
@@ -341,8 +343,8 @@ def test_init_from_pythia_dir_trains_with_codebooks(wt, tmp_path):
     assert (c["pos_emb"], c["n_layer"], c["vocab_size"], c["block_size"], c["codebook_sites"]) == \
         ("rotary", 2, 50304, 32, "attn_heads")
     sd = ckpt["model"]
-    assert sd["transformer.h.1.attn.codebook.codes"].shape == (2, 16, 16)  # one codebook per head, every layer
-    assert sd["transformer.h.0.attn.codebook.counts"].sum() > 0
+    assert sd["transformer.h.1.codebooks.attn_heads.codes"].shape == (2, 16, 16)  # one codebook per head, every layer
+    assert sd["transformer.h.0.codebooks.attn_heads.counts"].sum() > 0
     # at lr 1e-9 the weights are still the Pythia directory's
     assert torch.allclose(sd["transformer.wte.weight"], hf.get_input_embeddings().weight, atol=1e-5)
     assert torch.allclose(sd["lm_head.weight"], hf.get_output_embeddings().weight, atol=1e-5)

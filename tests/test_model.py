@@ -161,13 +161,13 @@ def test_generate_is_reproducible_with_generator():
 def test_codebook_sites_and_layers():
     model = GPT(tiny(n_layer=3, n_head=4, codebook_sites="attn_heads,mlp", codebook_layers="1", codebook_groups=2))
     cbs = model.codebooks()
-    assert [n for n, _ in cbs] == ["h.1.attn.codebook", "h.1.mlp_cb"]
+    assert [n for n, _ in cbs] == ["h.1.attn_heads", "h.1.mlp"]
     assert all(isinstance(cb, CodebookLayer) for _, cb in cbs)
     assert cbs[0][1].groups == 4 and cbs[1][1].groups == 2
     assert all(cb.num_codes == 8 and cb.dim == 16 for _, cb in cbs)
 
     model = GPT(tiny(codebook_sites=" attn , mlp"))
-    assert [n for n, _ in model.codebooks()] == ["h.0.attn_cb", "h.0.mlp_cb", "h.1.attn_cb", "h.1.mlp_cb"]
+    assert [n for n, _ in model.codebooks()] == ["h.0.attn", "h.0.mlp", "h.1.attn", "h.1.mlp"]
     assert GPT(tiny()).codebooks() == []
 
 

@@ -12,7 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never call the hub
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from model import GPT, pythia_config  # noqa: E402
+from model import GPT  # noqa: E402
+from pythia import pythia_config  # noqa: E402
+from utils import ConfigError  # noqa: E402
 
 
 def tiny_neox(parallel=True):
@@ -164,28 +166,28 @@ def test_old_and_new_rotary_names_agree(tmp_path):
 )
 def test_other_configs_raise(tmp_path, kw, match):
     path = write_config(tmp_path / "c", **kw)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=match):
         GPT.from_pythia(path)
 
 
 def test_missing_key_raises(tmp_path):
     save(tiny_neox(), tmp_path)
     edit_checkpoint(tmp_path, lambda sd: sd.pop("gpt_neox.layers.1.mlp.dense_4h_to_h.bias"))
-    with pytest.raises(KeyError, match=r"gpt_neox\.layers\.1\.mlp\.dense_4h_to_h\.bias"):
+    with pytest.raises(ConfigError, match=r"gpt_neox\.layers\.1\.mlp\.dense_4h_to_h\.bias"):
         GPT.from_pythia(tmp_path)
 
 
 def test_unknown_key_raises(tmp_path):
     save(tiny_neox(), tmp_path)
     edit_checkpoint(tmp_path, lambda sd: sd.update({"gpt_neox.layers.2.input_layernorm.weight": torch.ones(64)}))
-    with pytest.raises(KeyError, match=r"model\.safetensors.*gpt_neox\.layers\.2\.input_layernorm\.weight"):
+    with pytest.raises(ConfigError, match=r"model\.safetensors.*gpt_neox\.layers\.2\.input_layernorm\.weight"):
         GPT.from_pythia(tmp_path)
 
 
 def test_wrong_shape_raises(tmp_path):
     save(tiny_neox(), tmp_path)
     edit_checkpoint(tmp_path, lambda sd: sd.update({"gpt_neox.layers.0.attention.dense.weight": torch.ones(64, 32)}))
-    with pytest.raises(ValueError, match=r"attention\.dense\.weight has shape \(64, 32\).*\(64, 64\)"):
+    with pytest.raises(ConfigError, match=r"attention\.dense\.weight has shape \(64, 32\).*\(64, 64\)"):
         GPT.from_pythia(tmp_path)
 
 
@@ -193,5 +195,5 @@ def test_missing_shard_raises(tmp_path):
     save(tiny_neox(), tmp_path, "sharded")
     shards = sorted(json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"].values())
     os.remove(tmp_path / shards[-1])
-    with pytest.raises(FileNotFoundError, match=shards[-1]):
+    with pytest.raises(ConfigError, match=shards[-1]):
         GPT.from_pythia(tmp_path)

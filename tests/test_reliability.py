@@ -1,15 +1,16 @@
-"""Reliability (issue 6): exact resume on the FSM and LM paths, crash-safe checkpoints (SIGKILL trials through
-scripts/fault_trials.py), a one-line error that leaves out_dir untouched for every kind of bad input (the table
-BAD_INPUT, which `scripts/fault_trials.py --errors` also runs), numerical faults (nan_policy stop and skip, a
-codebook fed zeros) and per-step DDP consistency on 2 gloo ranks. CPU; every subprocess runs one thread."""
+"""Reliability: exact resume on the FSM and LM paths, crash-safe checkpoints (SIGKILL trials through
+scripts/fault_trials.py), one owner per run directory (a lock), resume writing where it reads, a replacing run that
+leaves the old one whole until its first checkpoint, staged analysis outputs, numerical faults (nan_policy stop and
+skip, a codebook fed zeros) and per-step DDP consistency on 2 gloo ranks. Bad input: tests/test_bad_input.py.
+CPU; every subprocess runs one thread."""
 
-import glob
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -20,12 +21,14 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
+from conftest import write_tokens  # noqa: E402
 from codebook import CodebookLayer  # noqa: E402
 
 GPT2_TIKTOKEN = os.path.join(ROOT, "..", "shared", "data", "tokenizers", "gpt2", "r50k_base.tiktoken")
 TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=16", "--batch_size=8", "--eval_seqs=16",
         "--eval_samples=8", "--codebook_sites=attn_heads,mlp", "--num_codes=32", "--device=cpu"]
 TOKENS_VOCAB = 64  # the token datasets below: ids < 64, a model with vocab_size=64
+LM = ["--vocab_size=64"]
 
 
 def env():
@@ -66,208 +69,16 @@ def records(out):
     return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
 
 
-def write_tokens(d, ids, vocab_size=TOKENS_VOCAB, splits=("train", "val")):
-    """A data/prepare.py-like directory: train.bin and val.bin (uint16 ids) and meta.json."""
-    os.makedirs(d)
-    for split in splits:
-        np.asarray(ids, dtype=np.uint16).tofile(os.path.join(d, f"{split}.bin"))
-    with open(os.path.join(d, "meta.json"), "w") as f:
-        json.dump({"tokenizer": "gpt2", "tokenizer_file": "none", "vocab_size": vocab_size}, f)
-    return d
-
-
-def pythia_dir(d, arch="gpt_neox", missing_shard=False):
-    """A GPT-NeoX directory with a tiny config.json; with missing_shard, an index naming two weight shards of
-    which only the first exists."""
-    os.makedirs(d)
-    config = {"model_type": arch, "architectures": ["GPTNeoXForCausalLM" if arch == "gpt_neox" else "LlamaForCausalLM"],
-              "vocab_size": TOKENS_VOCAB, "hidden_size": 32, "num_attention_heads": 2, "num_hidden_layers": 1,
-              "intermediate_size": 64, "max_position_embeddings": 64, "rotary_pct": 0.25}
-    with open(os.path.join(d, "config.json"), "w") as f:
-        json.dump(config, f)
-    if missing_shard:
-        from safetensors.torch import save_file
-
-        shards = [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
-        save_file({"gpt_neox.embed_in.weight": torch.zeros(TOKENS_VOCAB, 32)}, os.path.join(d, shards[0]))
-        index = {"metadata": {}, "weight_map": {"gpt_neox.embed_in.weight": shards[0], "embed_out.weight": shards[1]}}
-        with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
-            json.dump(index, f)
-    return d
-
-
-def make_fixtures(root):
-    """The files the bad-input cases and the resume tests read: a finished 2-iteration FSM run, token
-    directories (good, short, empty, without val.bin, a bad meta.json, an id >= vocab_size), Pythia directories
-    and a tokenizer directory for sample.py (None without ../shared/data)."""
-    os.makedirs(root, exist_ok=True)
-    j = lambda name: os.path.join(root, name)  # noqa: E731
-    fx = {"run": j("run"), "preset": j("preset.py")}
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory):
+    """A finished 2-iteration FSM run and a token directory (ids < 64), for the resume and fault tests."""
+    root = str(tmp_path_factory.mktemp("fixtures"))
+    fx = {"run": os.path.join(root, "run")}
     r = run("train.py", [*TINY, "--max_iters=2", "--eval_interval=2", "--log_interval=1", "--codebook_start=1",
                          f"--out_dir={fx['run']}"])
     assert r.returncode == 0, r.stderr
-    with open(fx["preset"], "w") as f:
-        f.write('config = {"max_iters": "10"}  # a string where an int belongs\n')
-    rng = np.random.default_rng(0)
-    fx["tokens"] = write_tokens(j("tokens"), rng.integers(0, TOKENS_VOCAB, 4000))
-    fx["short"] = write_tokens(j("short"), range(10))
-    fx["empty"] = write_tokens(j("empty"), [])
-    fx["no_val"] = write_tokens(j("no_val"), np.arange(200) % 64, splits=("train",))
-    fx["big_id"] = write_tokens(j("big_id"), [5] * 199 + [100])
-    fx["bad_meta"] = write_tokens(j("bad_meta"), np.arange(200) % 64)
-    with open(os.path.join(fx["bad_meta"], "meta.json"), "w") as f:
-        f.write('{"tokenizer": "gpt2", "vocab')  # torn
-    fx["shard"] = pythia_dir(j("pythia_missing_shard"), missing_shard=True)
-    fx["llama"] = pythia_dir(j("llama"), arch="llama")
-    fx["tok"] = None
-    if os.path.isfile(GPT2_TIKTOKEN):
-        fx["tok"] = j("tokenizer")
-        os.makedirs(fx["tok"])
-        with open(os.path.join(fx["tok"], "meta.json"), "w") as f:
-            json.dump({"tokenizer": "gpt2", "tokenizer_file": os.path.abspath(GPT2_TIKTOKEN), "vocab_size": 50257}, f)
+    fx["tokens"] = write_tokens(os.path.join(root, "tokens"), np.random.default_rng(0).integers(0, TOKENS_VOCAB, 4000))
     return fx
-
-
-@pytest.fixture(scope="module")
-def fx(tmp_path_factory):
-    return make_fixtures(str(tmp_path_factory.mktemp("fixtures")))
-
-
-# ---------------------------------------------------------------------------------------------- bad input
-class Unavailable(Exception):
-    """A case needs a file this machine lacks (the GPT-2 tokenizer in ../shared/data)."""
-
-
-SCRATCH = [*TINY, "--max_iters=2", "--out_dir={out}", "--overwrite=true"]  # would overwrite the run in out_dir
-RESUME = ["--init_from=resume", "--max_iters=4", "--out_dir={out}"]
-SAMPLE = ["--out_dir={out}", "--max_new_tokens=2", "--num_samples=1"]
-PYTHIA = ["--codebook_sites=attn_heads", "--num_codes=16", "--block_size=16", "--batch_size=4", "--max_iters=1",
-          "--eval_seqs=4", "--eval_samples=2", "--device=cpu", "--out_dir={out}", "--overwrite=true"]
-LM = ["--vocab_size=64"]
-
-# (case, script, what out_dir holds besides log.jsonl, arguments ({out} and fixture names are filled in),
-#  words the error line must contain). out_dir always starts as a copy of a finished run.
-BAD_INPUT = [
-    ("unknown config key", "train.py", "run", [*SCRATCH, "--no_such_key=1"], ["'no_such_key'", "TrainConfig"]),
-    ("wrong value type (flag)", "train.py", "run", [*SCRATCH, "--max_iters=abc"], ["max_iters=abc", "expected int"]),
-    ("wrong value type (preset)", "train.py", "run", ["{preset}", *SCRATCH], ["max_iters='10'", "expected int"]),
-    ("value outside the choices", "train.py", "run", [*SCRATCH, "--nan_policy=ignore"], ["nan_policy", "'skip'"]),
-    ("interval < 1", "train.py", "run", [*SCRATCH, "--eval_interval=0"], ["eval_interval=0", ">= 1"]),
-    ("k > num_codes", "train.py", "run", [*SCRATCH, "--k=64"], ["k=64", "num_codes=32", "lower k"]),
-    ("num_codes < 1", "train.py", "run", [*SCRATCH, "--num_codes=0"], ["num_codes", ">= 1", "raise num_codes"]),
-    ("n_embd not divisible by codebook_groups", "train.py", "run",
-     [*SCRATCH, "--codebook_sites=mlp", "--codebook_groups=3"], ["n_embd=32", "codebook_groups=3", "divisor"]),
-    ("n_embd not divisible by n_head", "train.py", "run", [*SCRATCH, "--n_head=3"], ["n_head=3", "n_embd=32"]),
-    ("block_size too short for the FSM", "train.py", "run", [*SCRATCH, "--block_size=4"], ["block_size=4", ">= 5"]),
-    ("block_size longer than the data", "train.py", "run", [*SCRATCH, *LM, "--dataset={short}"],
-     ["has 10 tokens", "block_size=16", "lower block_size"]),
-    ("missing dataset directory", "train.py", "run", [*SCRATCH, *LM, "--dataset={out}/nowhere"],
-     ["nowhere", "data/prepare.py"]),
-    ("missing data file", "train.py", "run", [*SCRATCH, *LM, "--dataset={no_val}"], ["val.bin", "data/prepare.py"]),
-    ("empty dataset", "train.py", "run", [*SCRATCH, *LM, "--dataset={empty}"], ["has 0 tokens", "block_size"]),
-    ("torn meta.json", "train.py", "run", [*SCRATCH, *LM, "--dataset={bad_meta}"], ["meta.json", "data/prepare.py"]),
-    ("token id >= vocab_size", "train.py", "run", [*SCRATCH, *LM, "--dataset={big_id}"],
-     ["token id 100", "vocab_size=64"]),
-    ("truncated checkpoint (resume)", "train.py", "truncated", RESUME,
-     ["ckpt.pt", "cannot be read", "truncated", "--overwrite=true"]),
-    ("truncated checkpoint (sample.py)", "sample.py", "truncated", SAMPLE, ["ckpt.pt", "truncated"]),
-    ("non-checkpoint file (resume)", "train.py", "text", RESUME, ["cannot be read as a checkpoint", "another kind"]),
-    ("non-checkpoint file (sample.py)", "sample.py", "text", SAMPLE, ["cannot be read", "another kind"]),
-    ("bare state dict as ckpt.pt (resume)", "train.py", "state_dict", RESUME, ["not a checkpoint written by train.py"]),
-    ("weights of another config (resume)", "train.py", "mismatch", RESUME, ["do not match", "another config"]),
-    ("weights of another config (sample.py)", "sample.py", "mismatch", [*SAMPLE, "--dataset={tok}"],
-     ["do not match", "another config"]),
-    ("optimizer state of another config (resume)", "train.py", "optimizer", RESUME, ["optimizer state", "match"]),
-    ("config keys of another version (resume)", "train.py", "old_version", RESUME,
-     ["unknown keys", "attention_sink", "another version"]),
-    ("model setting changed on resume", "train.py", "run", [*RESUME, "--n_embd=64"], ["n_embd", "new out_dir"]),
-    ("codebook_start moved behind the checkpoint", "train.py", "run", [*RESUME, "--codebook_start=5"],
-     ["codebook_start=5", "already"]),
-    ("Pythia directory with a missing shard", "train.py", "run", ["--init_from={shard}", *PYTHIA],
-     ["model-00002-of-00002.safetensors", "missing", "complete"]),
-    ("Pythia directory of another architecture", "train.py", "run", ["--init_from={llama}", *PYTHIA],
-     ["llama", "gpt_neox"]),
-    ("init_from neither a mode nor a Pythia directory", "train.py", "run", ["--init_from={out}/nowhere", *PYTHIA],
-     ["init_from=", "config.json"]),
-    ("out_dir holds another run", "train.py", "run", SCRATCH[:-1], ["already holds a run", "--overwrite=true"]),
-    ("torchrun: batch not divisible across ranks", "torchrun", "run", [*SCRATCH, "--batch_size=7"],
-     ["batch_size=7", "2 rank(s)", "multiple of 2"]),
-]
-
-
-def prepare_out(holds, fx, out):
-    """out = a copy of the finished run, its ckpt.pt then damaged or replaced as `holds` says."""
-    shutil.copytree(fx["run"], out)
-    path = os.path.join(out, "ckpt.pt")
-    if holds == "truncated":
-        with open(path, "rb") as f:
-            data = f.read()
-        with open(path, "wb") as f:
-            f.write(data[: len(data) // 2])
-    elif holds == "text":
-        with open(path, "w") as f:
-            f.write("iter 2: loss 2.39\n")
-    elif holds != "run":
-        ckpt = load(path)
-        if holds == "state_dict":  # e.g. a pytorch_model.bin copied over ckpt.pt
-            ckpt = ckpt["model"]
-        elif holds == "mismatch":  # the weights of a wider model under this run's config
-            other = train.GPT(train.GPTConfig(**{**ckpt["model_config"], "n_embd": 64}))
-            ckpt["model"] = other.state_dict()
-        elif holds == "optimizer":  # AdamW state without the codes' parameter group
-            ckpt["optimizer"]["param_groups"].pop()
-        elif holds == "old_version":
-            ckpt["model_config"]["attention_sink"] = 4
-        torch.save(ckpt, path)
-
-
-def snapshot(d):
-    files = {}
-    for dirpath, _, names in os.walk(d):
-        for n in names:
-            with open(os.path.join(dirpath, n), "rb") as f:
-                files[os.path.relpath(os.path.join(dirpath, n), d)] = f.read()
-    return files
-
-
-def check_bad_input(case, fx, work):
-    """Run one case in the empty directory `work`; assert a one-line `error:` naming the problem, a non-zero exit,
-    no traceback and an untouched out_dir. Returns the error line."""
-    _, script, holds, args, needles = case
-    if any("{tok}" in a for a in args) and fx["tok"] is None:
-        raise Unavailable("no GPT-2 tokenizer in ../shared/data")
-    out = os.path.join(work, "out")
-    prepare_out(holds, fx, out)
-    before = snapshot(out)
-    argv = [a.format(out=out, **fx) for a in args]
-    if script == "torchrun":  # the workers' own stderr, one file per rank, apart from torchrun's report
-        logs = os.path.join(work, "torchrun_logs")
-        cmd = torchrun_cmd("train.py", argv, [f"--log-dir={logs}", "--redirects=3"])
-    else:
-        cmd = [sys.executable, script, *argv]
-    r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
-    stderr = r.stderr
-    if script == "torchrun":
-        files = sorted(glob.glob(os.path.join(logs, "*", "attempt_0", "*", "stderr.log")))
-        assert len(files) == 2, files
-        stderr = "".join(open(f).read() for f in files)
-        assert 'train.py", line' not in r.stderr, r.stderr[-2000:]
-    assert r.returncode != 0, r.stdout[-2000:]
-    assert "Traceback" not in stderr, stderr[-3000:]
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), stderr[-3000:]
-    for word in needles:
-        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
-    assert snapshot(out) == before, "out_dir changed"
-    return lines[0]
-
-
-@pytest.mark.parametrize("case", BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
-def test_bad_input_is_one_clear_line_and_leaves_out_dir_untouched(case, fx, tmp_path):
-    try:
-        check_bad_input(case, fx, str(tmp_path))
-    except Unavailable as e:
-        pytest.skip(str(e))
 
 
 # ---------------------------------------------------------------------------------------------- exact resume
@@ -308,7 +119,7 @@ def test_resume_is_bitwise_exact(path, stop, fx, straight, tmp_path):
         same_state(a[key], b[key], key)
     buffers = [k for k in b["model"] if k.endswith((".counts", ".recent"))]
     assert len(buffers) == 4 and all(b["model"][k].sum() > 0 for k in buffers if k.endswith(".counts"))
-    assert not torch.equal(half["model"]["transformer.h.0.mlp_cb.codes"], b["model"]["transformer.h.0.mlp_cb.codes"])
+    assert not torch.equal(half["model"]["transformer.h.0.codebooks.mlp.codes"], b["model"]["transformer.h.0.codebooks.mlp.codes"])
     # the evaluations after the resume see the same model, so they match too; the log stays in order
     evals = lambda o: {r["iter"]: r["eval"] for r in records(o) if "eval" in r and r["iter"] > stop}  # noqa: E731
     assert evals(out) == evals(straight[path]) and set(evals(out)) == {4, 6}
@@ -412,7 +223,7 @@ def test_nan_policy(policy, tmp_path, monkeypatch):
     ckpt = load(out / "ckpt.pt")
     assert ckpt["iter_num"] == 6
     assert {int(s["step"]) for s in ckpt["optimizer"]["state"].values()} == {4}  # AdamW stepped 4 times of 6
-    for name in ("transformer.h.0.attn.codebook.counts", "transformer.h.0.mlp_cb.counts"):
+    for name in ("transformer.h.0.codebooks.attn_heads.counts", "transformer.h.0.codebooks.mlp.counts"):
         assert (ckpt["model"][name].sum(-1) == 4 * 8 * 16).all()  # 4 counted steps x 8 x 16 tokens, k=1
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
@@ -475,3 +286,106 @@ def test_ddp_ranks_agree_after_every_step(tmp_path):
     mean = ((l0 + l1) / 2).tolist()
     for it, rec in logged.items():
         assert [rec["loss"], rec["ce"], rec["recon"]] == mean[it - 1], it
+
+
+# ---------------------------------------------------------------------------------------------- one owner, nothing lost
+def test_a_second_run_cannot_share_a_busy_out_dir(tmp_path):
+    """While one train.py runs in out_dir, a second one (scratch or resume) stops at once with one line naming the
+    owner's PID and writes nothing. Once the owner is killed, its lock is stale: the next run names it and takes
+    the directory over."""
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "train.py", *TINY, "--max_iters=100000", "--eval_interval=20",
+                              f"--out_dir={out}"], cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "ckpt.pt").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert (out / ".lock").read_text().strip() == str(first.pid)
+        for args in ([*TINY, "--max_iters=2", "--overwrite=true"], ["--init_from=resume", "--max_iters=100"]):
+            r = run("train.py", [*args, f"--out_dir={out}"])
+            lines = r.stderr.strip().splitlines()
+            assert r.returncode != 0 and len(lines) == 1, r.stderr
+            assert lines[0].startswith("error:") and f"in use by process {first.pid}" in lines[0], lines[0]
+        assert first.poll() is None  # the owner was running all along
+    finally:
+        first.kill()
+        first.wait()
+    assert (out / ".lock").read_text().strip() == str(first.pid)  # SIGKILL left it
+    n = load(out / "ckpt.pt")["iter_num"]
+    r = run("train.py", ["--init_from=resume", f"--max_iters={n + 2}", f"--out_dir={out}"])
+    assert r.returncode == 0, r.stderr
+    assert f"process {first.pid}, which no longer runs: taken over" in r.stderr
+    assert not (out / ".lock").exists() and load(out / "ckpt.pt")["iter_num"] == n + 2
+
+
+def test_a_stale_lock_is_named_and_taken_over(tmp_path, fx):
+    """A lock file left by a killed run (no process holds it) does not block the next run; the note names it."""
+    out = tmp_path / "run"
+    shutil.copytree(fx["run"], out)
+    (out / ".lock").write_text("999999\n")
+    r = run("train.py", ["--init_from=resume", "--max_iters=3", f"--out_dir={out}"])
+    assert r.returncode == 0, r.stderr
+    assert "process 999999, which no longer runs: taken over" in r.stderr
+    assert not (out / ".lock").exists() and load(out / "ckpt.pt")["iter_num"] == 3
+
+
+def test_resume_writes_where_it_reads(tmp_path, fx):
+    """A copy of a run resumed in its new place trains there: the original stays byte-identical (the checkpoint
+    still names the original out_dir), and the copy's checkpoint names the copy."""
+    orig, copy = tmp_path / "orig", tmp_path / "copy"
+    shutil.copytree(fx["run"], orig)
+    ckpt = load(orig / "ckpt.pt")
+    ckpt["train_config"]["out_dir"] = str(orig)
+    torch.save(ckpt, orig / "ckpt.pt")
+    shutil.copytree(orig, copy)
+    before = {p.name: p.read_bytes() for p in orig.iterdir()}
+    r = run("train.py", ["--init_from=resume", "--max_iters=4", f"--out_dir={copy}"])
+    assert r.returncode == 0, r.stderr
+    assert {p.name: p.read_bytes() for p in orig.iterdir()} == before
+    resumed = load(copy / "ckpt.pt")
+    assert resumed["iter_num"] == 4 and resumed["train_config"]["out_dir"] == str(copy)
+
+
+def test_overwrite_replaces_the_run_at_its_first_checkpoint(tmp_path, fx, monkeypatch):
+    """--overwrite=true: until the new run's first checkpoint, ckpt.pt and log.jsonl are the old run's; after it,
+    both are the new run's (the log holds no record of the old run)."""
+    out = tmp_path / "run"
+    shutil.copytree(fx["run"], out)
+    old = {n: (out / n).read_bytes() for n in ("ckpt.pt", "log.jsonl")}
+    seen = []
+
+    def spy(it, cfg, _get_lr=train.get_lr):  # called at the top of every iteration of the new run
+        seen.append({n: (out / n).read_bytes() == old[n] for n in old})
+        return _get_lr(it, cfg)
+
+    monkeypatch.setattr(train, "get_lr", spy)
+    train.main([*TINY, "--max_iters=4", "--eval_interval=3", "--log_interval=1", "--seed=7", "--overwrite=true",
+                f"--out_dir={out}"])
+    assert seen[:3] == [{"ckpt.pt": True, "log.jsonl": True}] * 3  # iterations 0-2: the old run is whole
+    assert seen[3] == {"ckpt.pt": False, "log.jsonl": False}  # after the checkpoint of iteration 3
+    recs = records(out)
+    assert [r["iter"] for r in recs if "eval" in r] == [3, 4] and len({r["run"] for r in recs if "run" in r}) == 1
+    assert recs[0]["run"] == load(out / "ckpt.pt")["run"]
+
+
+def test_analysis_is_written_whole_or_not_at_all(tmp_path, fx, monkeypatch):
+    """analyze.py writes into a staged directory: a failure after some outputs are written leaves the earlier
+    analysis byte-identical and no temporary directory behind; by default the analysis goes into <out_dir>/analysis."""
+    import analyze
+    import report
+
+    out = tmp_path / "run"
+    shutil.copytree(fx["run"], out)
+    analyze.main([f"--out_dir={out}", "--num_seqs=16", "--device=cpu", "--html_codes=2"])
+    assert sorted(p.name for p in (out / "analysis").iterdir())[:3] == ["browser.html", "codes.pt", "freq.png"]
+    before = {p.name: p.read_bytes() for p in (out / "analysis").iterdir()}
+
+    def fail(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "write_browser", fail)  # the last output: codes.pt, stats.json, ... are written
+    with pytest.raises(OSError):
+        analyze.main([f"--out_dir={out}", "--num_seqs=32", "--device=cpu"])
+    assert {p.name: p.read_bytes() for p in (out / "analysis").iterdir()} == before
+    assert sorted(p.name for p in out.iterdir()) == ["analysis", "ckpt.pt", "log.jsonl"]

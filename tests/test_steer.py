@@ -6,16 +6,14 @@ import json
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
-from conftest import GPT2_FILE, write_gpt2_dataset
 import torch
 
 import steer
 from fsm import TokFSM
 from model import GPT, GPTConfig
-from train import load_checkpoint, model_from_checkpoint
+from utils import load_checkpoint, model_from_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,28 +65,28 @@ def test_forced_code_appears_in_chosen_indices_and_changes_output(mode):
     x = torch.randint(11, (3, 16))
     plain_logits, _, _ = model(x)
     plain = codes_of(model, x)
-    c = int(torch.bincount(plain["h.1.mlp_cb"].flatten(), minlength=16).argmin())  # a code rarely chosen
-    with steer.intervene(model, force=[("h.1.mlp_cb", 0, c)], mode=mode):
+    c = int(torch.bincount(plain["h.1.mlp"].flatten(), minlength=16).argmin())  # a code rarely chosen
+    with steer.intervene(model, force=[("h.1.mlp", 0, c)], mode=mode):
         logits, _, _ = model(x)
         got = codes_of(model, x)
-    idx = got["h.1.mlp_cb"]  # (3, 16, 1, 2)
+    idx = got["h.1.mlp"]  # (3, 16, 1, 2)
     assert (idx == c).any(-1).all()  # at every token
     if mode == "one":
-        keep = plain["h.1.mlp_cb"][..., 0] != c
-        assert torch.equal(idx[..., 0][keep], plain["h.1.mlp_cb"][..., 0][keep])  # the best code stays
+        keep = plain["h.1.mlp"][..., 0] != c
+        assert torch.equal(idx[..., 0][keep], plain["h.1.mlp"][..., 0][keep])  # the best code stays
     else:
         assert (idx[..., 0] == c).all() and (idx[..., 1] == -1).all()
     assert not torch.allclose(logits, plain_logits)
-    assert torch.equal(got["h.0.mlp_cb"], plain["h.0.mlp_cb"])  # upstream sites untouched
+    assert torch.equal(got["h.0.mlp"], plain["h.0.mlp"])  # upstream sites untouched
     assert all(cb.hook is None and cb.banned is None for _, cb in model.codebooks())  # restored
 
 
 def test_forcing_holds_at_every_generated_token():
     model = tiny(k=1)
-    cb = dict(model.codebooks())["h.0.attn.codebook"]
+    cb = dict(model.codebooks())["h.0.attn_heads"]
     seen = []
     h = cb.register_forward_hook(lambda m, i, o: seen.append(m.last_indices[..., 1, 0].clone()))
-    steer.generate(model, [10, 3], 2, 6, force=[("h.0.attn.codebook", 1, 9)])
+    steer.generate(model, [10, 3], 2, 6, force=[("h.0.attn_heads", 1, 9)])
     h.remove()
     assert len(seen) == 7 and all((s == 9).all() for s in seen)  # the prompt, then each cached step
 
@@ -97,35 +95,32 @@ def test_forcing_holds_at_every_generated_token():
 def test_ablated_code_never_appears_next_best_or_zero():
     model = tiny(k=1)
     x = torch.randint(11, (8, 16))
-    cb = dict(model.codebooks())["h.0.mlp_cb"]
+    cb = dict(model.codebooks())["h.0.mlp"]
     inp = {}
     h = cb.register_forward_pre_hook(lambda m, i: inp.__setitem__("x", i[0]))
-    plain = codes_of(model, x)["h.0.mlp_cb"]
+    plain = codes_of(model, x)["h.0.mlp"]
     c = int(torch.bincount(plain.flatten(), minlength=16).argmax())  # the most used code
     top2 = cb.topk_codes(cb.ln(inp["x"].reshape(-1, 1, 32)), k=2).view(8, 16, 1, 2)
     h.remove()
-    with steer.intervene(model, ablate=[("h.0.mlp_cb", 0, c)], ablate_to="next"):
-        nxt = codes_of(model, x)["h.0.mlp_cb"]
+    with steer.intervene(model, ablate=[("h.0.mlp", 0, c)], ablate_to="next"):
+        nxt = codes_of(model, x)["h.0.mlp"]
     assert not (nxt == c).any()
     hit = plain[..., 0] == c
     assert hit.any() and torch.equal(nxt[..., 0][hit], top2[..., 1][hit])  # the runner-up took its place
-    with steer.intervene(model, ablate=[("h.0.mlp_cb", 0, c)], ablate_to="zero"):
-        zero = codes_of(model, x)["h.0.mlp_cb"]
+    with steer.intervene(model, ablate=[("h.0.mlp", 0, c)], ablate_to="zero"):
+        zero = codes_of(model, x)["h.0.mlp"]
     assert not (zero == c).any() and torch.equal(zero[..., 0] == -1, hit)
 
 
 def test_ablation_reports_deltas(fsm_run):
     out, model, fsm = fsm_run
     x, y = fsm.eval_set(64, 16)
-    col = codes_of(model, x)["h.0.mlp_cb"]
+    col = codes_of(model, x)["h.0.mlp"]
     used = torch.bincount(col.flatten(), minlength=32).topk(3).indices.tolist()
-    cfg = SimpleNamespace(eval_samples=64, seed=0)
-    from contextlib import nullcontext
+    from evaluate import evaluate_fsm
 
-    from train import evaluate_fsm
-
-    res = steer.ablation(model, lambda m: evaluate_fsm(m, fsm, x, y, cfg, "cpu", nullcontext()),
-                         ablate=[("h.0.mlp_cb", 0, c) for c in used], ablate_to="zero")
+    res = steer.ablation(model, lambda m: evaluate_fsm(m, fsm, x, y, 64, 0),
+                         ablate=[("h.0.mlp", 0, c) for c in used], ablate_to="zero")
     model.eval()
     assert res["loss"]["delta"] > 0 and res["valid"]["delta"] < 0
     assert res["loss"]["delta"] == pytest.approx(res["loss"]["ablated"] - res["loss"]["base"])
@@ -157,28 +152,6 @@ def test_fsm_swap_moves_the_successor_distribution(fsm_run):
     assert res["all"]["stay"] < 0.2
 
 
-# ---------------------------------------------------------------------------------------------- topics
-def test_topic_steering_mechanics():
-    """A code built to write the 'dragon' token: forcing it makes every sample match, the baseline rarely."""
-    model = tiny(k=1, vocab=64, num_codes=256, tie=False)  # code 5 is rarely the natural choice
-    words = [f" w{i}" for i in range(64)]
-    words[7] = " dragon"
-    codec = SimpleNamespace(encode=lambda docs: [[ord(ch) % 60 for ch in d] for d in docs],
-                            decode=lambda ids: "".join(words[i] for i in ids), eot=63)
-    cb = dict(model.codebooks())["h.1.mlp_cb"]
-    u = torch.randn(32)
-    u = (u - u.mean()) / (u - u.mean()).norm()  # survives ln_f's centring
-    with torch.no_grad():  # logit of 'dragon' = 3 (ln_f(x) . u - 2): about -6 normally, about +11 along code 5
-        model.lm_head.weight[7] = 3 * u
-        model.transformer.ln_f.bias.copy_(-2 * u)
-        cb.codes[0, 5] = 50 * u
-    prompts = ["", "Once", "A", "The"]
-    res, samples = steer.topic_steering(model, codec, {"dragon": [("h.1.mlp_cb", 0, 5)]}, {"dragon": "dragon"},
-                                        per_prompt=3, max_new_tokens=4, seed=0, prompts=prompts)
-    assert len(samples["baseline"]) == len(samples["dragon"]) == 12
-    assert res["dragon"]["steered"] == 1.0 and res["dragon"]["baseline"] < 0.5
-
-
 # ---------------------------------------------------------------------------------------------- CLI
 def run(args):
     return subprocess.run([sys.executable, "steer.py", *args], cwd=ROOT, env=env(), capture_output=True, text=True,
@@ -190,18 +163,18 @@ def test_cli_fsm_generate_ablate(fsm_run, tmp_path, capsys):
     steer.main([f"--out_dir={out}", "--pairs=20", "--device=cpu", f"--save={tmp_path / 'swap.json'}"])
     assert "layer0" in capsys.readouterr().out
     assert set(json.loads((tmp_path / "swap.json").read_text())["results"]) >= {"none", "B", "all", "mlp", "attn"}
-    steer.main([f"--out_dir={out}", "--task=generate", "--start=4", "--force=h.0.mlp_cb:3", "--device=cpu"])
+    steer.main([f"--out_dir={out}", "--task=generate", "--start=4", "--force=h.0.mlp:3", "--device=cpu"])
     assert "valid transitions" in capsys.readouterr().out
-    steer.main([f"--out_dir={out}", "--task=ablate", "--ablate=h.0.attn.codebook:1:2", "--eval_seqs=32", "--device=cpu"])
+    steer.main([f"--out_dir={out}", "--task=ablate", "--ablate=h.0.attn_heads:1:2", "--eval_seqs=32", "--device=cpu"])
     assert "loss" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("spec, needles", [
-    ("h.9.mlp_cb:1", ["no codebook 'h.9.mlp_cb'", "h.0.mlp_cb", "h.0.attn.codebook (2 heads"]),
-    ("h.0.mlp_cb:32", ["no code '32' at h.0.mlp_cb", "0-31"]),
-    ("h.0.mlp_cb:x", ["no code 'x' at h.0.mlp_cb"]),
-    ("h.0.attn.codebook:5", ["has 2 heads"]),
-    ("h.0.attn.codebook:7:3", ["no codebook 'h.0.attn.codebook:7'"]),
+    ("h.9.mlp:1", ["no codebook 'h.9.mlp'", "h.0.mlp", "h.0.attn_heads (2 heads"]),
+    ("h.0.mlp:32", ["no code '32' at h.0.mlp", "0-31"]),
+    ("h.0.mlp:x", ["no code 'x' at h.0.mlp"]),
+    ("h.0.attn_heads:5", ["has 2 heads"]),
+    ("h.0.attn_heads:7:3", ["no codebook 'h.0.attn_heads:7'"]),
 ])
 def test_unknown_site_or_code_names_it_and_lists_what_exists(fsm_run, spec, needles):
     with pytest.raises(steer.ConfigError) as e:
@@ -210,44 +183,12 @@ def test_unknown_site_or_code_names_it_and_lists_what_exists(fsm_run, spec, need
 
 
 def test_unknown_code_is_a_one_line_error_on_the_command_line(fsm_run):
-    r = run([f"--out_dir={fsm_run[0]}", "--task=generate", "--ablate=h.0.mlp_cb:1,h.3.mlp_cb:2", "--device=cpu"])
+    r = run([f"--out_dir={fsm_run[0]}", "--task=generate", "--ablate=h.0.mlp:1,h.3.mlp:2", "--device=cpu"])
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: no codebook 'h.3.mlp_cb'"), r.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: no codebook 'h.3.mlp'"), r.stderr
 
 
-
-
-@pytest.mark.skipif(not os.path.isfile(GPT2_FILE), reason="../shared/data tokenizers are not here")
-def test_cli_language_model_topics_and_ablation(tmp_path, capsys):
-    """The TinyStories path end to end on a tiny random model and a toy token file: mechanics only."""
-    from dataclasses import asdict
-
-    from train import TrainConfig
-
-    data = write_gpt2_dataset(tmp_path / "data", "Once upon a time there was a dragon and a king. " * 40)
-    model = GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=16, vocab_size=50257,
-                          codebook_sites="attn_heads", num_codes=16, k=2))
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    torch.save({"model": model.state_dict(), "model_config": asdict(model.config), "optimizer": {}, "rng": {},
-                "train_config": asdict(TrainConfig(dataset=str(data))), "iter_num": 0}, run_dir / "ckpt.pt")
-    (tmp_path / "topics.json").write_text(json.dumps({"dragon": ["h.0.attn.codebook:1:3", "h.0.attn.codebook:0:5"],
-                                                      "princess": []}))
-    steer.main([f"--out_dir={run_dir}", "--task=topics", f"--topic_codes={tmp_path / 'topics.json'}",
-                "--topics=dragon,princess", "--samples_per_prompt=2", "--max_new_tokens=20", "--device=cpu",
-                f"--save={tmp_path / 'topics_out.json'}"])
-    res = json.loads((tmp_path / "topics_out.json").read_text())["results"]
-    assert set(res) == {"dragon", "princess"} and res["dragon"]["codes"] == 1 and res["princess"]["codes"] == 0
-    assert all(0 <= r[k] <= 1 for r in res.values() for k in ("baseline", "steered"))
-    steer.main([f"--out_dir={run_dir}", "--task=topics", f"--topic_codes={tmp_path / 'topics.json'}",
-                "--topics=dragon", "--codes_per_topic=2", "--samples_per_prompt=1", "--max_new_tokens=4",
-                "--device=cpu", f"--save={tmp_path / 'topics_out.json'}"])
-    assert json.loads((tmp_path / "topics_out.json").read_text())["results"]["dragon"]["codes"] == 2
-    steer.main([f"--out_dir={run_dir}", "--task=ablate", "--ablate=h.0.attn.codebook:0:1,h.0.attn.codebook:0:2",
-                "--ablate_to=zero", "--eval_seqs=8", "--device=cpu"])
-    out = capsys.readouterr().out
-    assert "dragon" in out and "loss" in out and "ppl" in out
 
 
 def test_walks_ending_in_are_walks_of_the_fsm():

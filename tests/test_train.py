@@ -68,8 +68,9 @@ def test_codebook_start_bypasses_then_switches_codebooks_on(tmp_path):
     assert r.returncode == 0, r.stderr
     sd = load(out / "ckpt.pt")["model"]
     tokens = 8 * 16  # batch_size x block_size per step
-    for name in ("h.0.attn.codebook", "h.0.mlp_cb"):
-        counts = sd[f"transformer.{name}.counts"]
+    for name in ("h.0.attn_heads", "h.0.mlp"):
+        layer, site = name.split(".")[1:]
+        counts = sd[f"transformer.h.{layer}.codebooks.{site}.counts"]
         # only the 2 steps after the switch are counted: each token picks k=1 code per group
         assert counts.sum(dim=1).tolist() == [2 * tokens] * counts.shape[0]
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

@@ -1,0 +1,646 @@
+"""
+Plumbing shared by the entry points (train.py, sample.py, analyze.py, steer.py, bench.py, data/prepare.py), kept
+apart so that the concept files show only the method. In nanoGPT's spirit (its configurator.py), without exec:
+
+- configs: dataclass fields declare their valid values once (`spec`), one validator (`validate`) applies them;
+  presets are `config = dict(...)` files read with `ast`; `--key=value` is parsed against the field's type;
+- errors: ConfigError, and `cli`, which turns it into one `error: ...` line;
+- files: the device, files read from users (fail clearly when torn or foreign), outputs written to a temporary
+  name and renamed into place, a lock that gives a directory one owner process;
+- checkpoints, token files and tokenizers.
+"""
+
+import ast
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+import typing
+from collections import namedtuple
+
+import numpy as np
+import torch
+
+
+class ConfigError(ValueError):
+    """A bad input: the message names the problem and the fix. `cli` prints it as one `error:` line."""
+
+
+def cli(main, argv=None):
+    """Run main(argv or sys.argv[1:]). A ConfigError, a non-finite loss (FloatingPointError) or an OS error ends
+    the process with one `error: ...` line; under torchrun only the first rank of each node prints it."""
+    try:
+        return main(sys.argv[1:] if argv is None else argv)
+    except (ConfigError, FloatingPointError) as e:
+        msg = f"error: {e}"
+    except OSError as e:  # a full disk, a file that vanished: say which file and why
+        msg = f"error: {e.filename or 'a file'}: {e.strerror or e}: check the path and free space"
+    sys.exit(msg if int(os.environ.get("LOCAL_RANK", 0)) == 0 else 1)
+
+
+# ---------------------------------------------------------------------------------------------- config fields
+_RULE = re.compile(r"^\s*(?:(>=|>|<=|<)\s*(\S+)|([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])]))\s*$")
+
+
+def spec(default, rule=None, *, each=None, check=None):
+    """A dataclass field with its valid values beside it, checked by `validate`.
+
+    rule: an interval such as ">= 1", "> 0", "[0, 1)", or a tuple of choices. each: the choices of every item of a
+    comma-separated string. check: a function of the value that returns a string saying what is wrong with it (or
+    raises a ConfigError), anything else when it is fine."""
+    meta = {"check": check, "each": each}
+    if isinstance(rule, tuple):
+        meta["choices"] = rule
+    elif rule is not None:
+        m = _RULE.match(rule)
+        if not m:
+            raise ValueError(f"bad rule {rule!r}")
+        op, x, lb, lo, hi, rb = m.groups()
+        if op:
+            lo, hi, lb, rb = (x, "inf", "[" if op == ">=" else "(", ")") if ">" in op else \
+                ("-inf", x, "(", "]" if op == "<=" else ")")
+        meta["interval"] = (float(lo), lb == "[", float(hi), rb == "]", rule)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _base_type(typ):
+    """(type, optional) of a field annotation: Optional[X] -> (X, True)."""
+    if typing.get_origin(typ) is typing.Union:
+        return [t for t in typing.get_args(typ) if t is not type(None)][0], True
+    return typ, False
+
+
+def _typed(key, value, annotation):
+    """value as the field's type (an int given for a float becomes a float), or a ConfigError."""
+    typ, optional = _base_type(annotation)
+    if value is None and optional:
+        return value
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}={value!r}: expected {typ.__name__}, got {type(value).__name__}")
+    return value
+
+
+def validate(cfg):
+    """Check every field of the dataclass instance against its type and its `spec`; raise ConfigError naming the
+    field, the value and the fix. Ints given for float fields become floats. Called by each config's __post_init__."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        key = f.name
+        value = _typed(key, getattr(cfg, key), hints[key])
+        setattr(cfg, key, value)
+        if value is None:
+            continue
+        typ = type(value)
+        if typ is float and not math.isfinite(value):
+            raise ConfigError(f"{key}={value} is not a finite number: pass --{key}=X with a finite X")
+        m = f.metadata
+        if "interval" in m:
+            lo, lo_in, hi, hi_in, rule = m["interval"]
+            if not ((lo <= value if lo_in else lo < value) and (value <= hi if hi_in else value < hi)):
+                raise ConfigError(f"{key}={value} is out of range: it must be {rule} (pass --{key}=X with X {rule})")
+        if "choices" in m and value not in m["choices"]:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(repr, m['choices']))}: pick one")
+        if m.get("each"):
+            bad = [v for v in split_list(value) if v not in m["each"]]
+            if bad:
+                raise ConfigError(f"{key}={value!r}: {', '.join(map(repr, bad))} not among {', '.join(m['each'])}: "
+                                  "pick from those (comma-separated)")
+        problem = m["check"](value) if m.get("check") else None  # a check may also raise a ConfigError itself
+        if isinstance(problem, str):
+            raise ConfigError(f"{key}={value!r} {problem}")
+
+
+def split_list(text):
+    """"a, b,,c" -> ["a", "b", "c"]."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def build(cls, values, what=None):
+    """cls(**values) with unknown keys and bad values as ConfigError."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {unknown}{' in ' + what if what else ''}: see {cls.__name__}")
+    return cls(**values)
+
+
+# checks for `spec(check=...)`
+def is_regex(value):
+    try:
+        re.compile(value)
+    except re.error as e:
+        return f"is not a valid regular expression ({e}): fix the pattern"
+    return None
+
+
+def is_device(name):
+    """None if torch can use the device `name` here ("auto", "cpu", "cuda", "cuda:1", "mps"), else the problem."""
+    cuda = ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    avail = ["auto", "cpu", *cuda] + (["mps"] if torch.backends.mps.is_available() else [])
+    return None if name in avail else f"is not available here: use one of {', '.join(avail)}"
+
+
+def is_out_dir(path):
+    """None if `path` can be an output directory (it may not exist yet), else the problem."""
+    if not path.strip():
+        return "is empty: name a directory"
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "is a file, not a directory: name a directory"
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be created or written ({parent} is not a writable directory): choose a writable place"
+    return None
+
+
+def device_of(name):
+    """The torch device for a validated device name: "auto" is CUDA when present, else the CPU."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def autocast_for(device, dtype="auto"):
+    """bf16 autocast on CUDA for "auto" or "bfloat16", a disabled autocast otherwise."""
+    kind = torch.device(device).type
+    on = dtype == "bfloat16" or (dtype == "auto" and kind == "cuda")
+    return torch.autocast(device_type=kind, dtype=torch.bfloat16, enabled=on)
+
+
+# ---------------------------------------------------------------------------------------------- presets and flags
+def load_preset(path):
+    """The `config` dict of a preset (config/*.py): `config = dict(key=value, ...)` or `config = {...}` with literal
+    values, read with ast and never executed. Raises ConfigError for anything else."""
+    if not path.endswith(".py"):
+        raise ConfigError(f"{path}: presets are .py files holding `config = dict(...)`; flags are --key=value")
+    text = read_text(path, "preset")
+    try:
+        tree = ast.parse(text, path)
+    except SyntaxError as e:
+        raise ConfigError(f"{path}:{e.lineno}: {e.msg}: fix the preset's Python syntax") from None
+    config = None
+    for i, node in enumerate(tree.body):
+        if i == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # the docstring
+        if not (isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["config"]):
+            raise ConfigError(f"{path}:{node.lineno}: a preset holds only `config = dict(key=value, ...)`: "
+                              "move other code out of it")
+        v = node.value
+        if isinstance(v, ast.Call) and getattr(v.func, "id", None) == "dict" and not v.args:
+            items = [(kw.arg, kw.value) for kw in v.keywords]
+        elif isinstance(v, ast.Dict) and all(isinstance(k, ast.Constant) for k in v.keys):
+            items = [(k.value, x) for k, x in zip(v.keys, v.values)]
+        else:
+            raise ConfigError(f"{path}:{node.lineno}: `config` must be dict(key=value, ...) or a {{...}} literal")
+        config = {}
+        for key, x in items:
+            try:
+                config[key] = ast.literal_eval(x)
+            except ValueError:
+                raise ConfigError(f"{path}:{x.lineno}: the value of {key!r} is not a literal (a number, string, "
+                                  "bool or None): write the value itself") from None
+    if config is None:
+        raise ConfigError(f"{path} defines no `config`: write config = dict(key=value, ...)")
+    return config
+
+
+def _parse_value(key, text, typ):
+    typ, optional = _base_type(typ)
+    if optional and text.lower() == "none":
+        return None
+    if typ is bool:
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise ConfigError(f"--{key}={text}: expected true or false")
+    try:
+        return typ(text)
+    except ValueError:
+        raise ConfigError(f"--{key}={text}: expected {typ.__name__}") from None
+
+
+def parse_args(argv, classes):
+    """argv -> (values from the preset files, values from --key=value), both dicts of the fields of the
+    dataclasses `classes`. Raises ConfigError for unknown keys, malformed arguments and values of the wrong type."""
+    types = {k: t for c in classes for k, t in typing.get_type_hints(c).items()}
+    names = " and ".join(c.__name__ for c in classes)
+    preset, flags = {}, {}
+    for arg in argv:
+        if not arg.startswith("--"):
+            for key, value in load_preset(arg).items():
+                if key not in types:
+                    raise ConfigError(f"unknown config key {key!r} in {arg}: see {names}")
+                preset[key] = _typed(key, value, types[key])
+            continue
+        if "=" not in arg:
+            raise ConfigError(f"{arg}: write overrides as --key=value")
+        key, text = arg[2:].split("=", 1)
+        if key not in types:
+            raise ConfigError(f"unknown config key {key!r}: see {names}")
+        flags[key] = _parse_value(key, text, types[key])
+    return preset, flags
+
+
+def split_config(values, *classes):
+    """A flat dict -> one dict per dataclass, by field name (the first class that has the field)."""
+    out, seen = [], set()
+    for c in classes:
+        names = {f.name for f in dataclasses.fields(c)} - seen
+        out.append({k: v for k, v in values.items() if k in names})
+        seen |= names
+    return out
+
+
+def parse_config(argv, cls):
+    """The one-dataclass entry points (sample, analyze, steer, bench): presets and flags -> a validated cls."""
+    preset, flags = parse_args(argv, (cls,))
+    return cls(**{**preset, **flags})
+
+
+def resume_config(stored, given, resumable, where):
+    """The config of a resumed run: `stored` (the checkpoint's values) with the `given` ones (presets and flags)
+    that differ applied only where the key is in `resumable`. Raises ConfigError naming what may not change."""
+    changed = sorted(k for k, v in given.items() if k in stored and stored[k] != v and k not in resumable)
+    if changed:
+        raise ConfigError(f"cannot change {', '.join(changed)} when resuming {where} (its data, model or place "
+                          f"would change): drop them, or start a new out_dir; a resume may change "
+                          f"{', '.join(resumable)}")
+    return {**stored, **{k: v for k, v in given.items() if k in resumable}}
+
+
+# ---------------------------------------------------------------------------------------------- files from users
+def read_text(path, what):
+    """The UTF-8 text of a user's file, or a ConfigError naming the file and what is wrong with it."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} {path!r} not found" + (" (a directory)" if os.path.isdir(path) else "") +
+                          ": check the path")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {e.start}): convert it or pass another file") \
+            from None
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be read ({e.strerror}): check its permissions") from None
+
+
+def read_json(path, what, fix="write it again", kind=dict):
+    """A JSON file holding a `kind` (dict or list), or a ConfigError naming the file, what is wrong and `fix`."""
+    text = read_text(path, what)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what} {path} is not valid JSON (line {e.lineno}: {e.msg}), torn or foreign: {fix}") \
+            from None
+    if not isinstance(value, kind):
+        raise ConfigError(f"{what} {path} holds a JSON {type(value).__name__}, not a {kind.__name__}: {fix}")
+    return value
+
+
+def read_torch(path, what, keys=(), fix="pass the right file"):
+    """torch.load of a user's file (tensors and plain values only), or a ConfigError when it is missing, torn,
+    foreign, or a dict without `keys`; the message ends with `fix`."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} {path!r} not found: check the path")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torn zip, a text file, a pickle of code: all end the same way
+        raise ConfigError(f"{path} cannot be read as a {what} ({type(e).__name__}): it is truncated or another kind "
+                          f"of file: {fix}") from None
+    lacks = sorted(set(keys) - set(obj)) if isinstance(obj, dict) else sorted(keys)
+    if lacks:
+        raise ConfigError(f"{path} is not a {what} (it lacks {', '.join(lacks)}): {fix}")
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+@contextlib.contextmanager
+def atomic_write(path, mode="w"):
+    """Write to `path.tmp.<pid>` and rename it onto `path` only when the block completes: a crash or an error
+    leaves the old file (or none), never a torn one."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
+def staged_dir(path):
+    """Yield a fresh `path.tmp.<pid>` directory; when the block completes it replaces `path` as a whole. On an
+    error it is removed and `path` stays as it was: a half-written result never looks like a finished one."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        os.makedirs(tmp)
+    except OSError as e:
+        raise ConfigError(f"{path} cannot be written ({e.strerror}): choose a writable place") from None
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = f"{path}.old.{os.getpid()}"
+    if os.path.exists(path):
+        os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class DirLock:
+    """One owner process for a directory: an flock on `<dir>/.lock`, which holds the owner's PID. The kernel
+    drops the lock when its process dies, so a lock file left by a killed run is stale and is taken over.
+
+    Raises ConfigError when another live process holds it (naming its PID) or the directory cannot be made."""
+
+    def __init__(self, directory, what="out_dir"):
+        import fcntl
+
+        self.path, self.dir = os.path.join(directory, ".lock"), directory
+        self.created = not os.path.isdir(directory)  # an empty directory we made is removed again on release
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"{what}={directory} cannot be created ({e.strerror}): choose a writable place") from None
+        while True:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(self.fd, 64).decode(errors="replace").strip() or "?"
+                os.close(self.fd)
+                raise ConfigError(f"{what}={directory} is in use by process {owner} ({self.path}): wait for it to "
+                                  f"finish, or choose another {what}") from None
+            try:  # the file may have been removed by its owner between our open and our lock: then try again
+                if os.fstat(self.fd).st_ino == os.stat(self.path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)
+        stale = os.read(self.fd, 64).decode(errors="replace").strip()
+        if stale:
+            print(f"note: {self.path} was left by process {stale}, which no longer runs: taken over", file=sys.stderr)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self):
+        if self.fd is not None:
+            os.remove(self.path)  # while still holding the lock: a waiting process then sees a new file
+            os.close(self.fd)
+            self.fd = None
+            if self.created and not os.listdir(self.dir):
+                os.rmdir(self.dir)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+class RunLog:
+    """out_dir/log.jsonl: one JSON record per line, the first {"iter": 0, "run": id} naming the run.
+
+    A resumed run (resume_iter = the checkpoint's iteration) keeps its own records up to that iteration (a killed
+    run can leave later ones or a torn line) and appends. A run that replaces another (`pending`) holds its records
+    in memory and writes the file at commit(), after its first checkpoint: until then the old run stays whole."""
+
+    def __init__(self, path, run_id=None, resume_iter=None, pending=False):
+        self.path, self.pending, self.f = path, pending, None
+        self.run_id = run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        self.lines = [json.dumps({"iter": 0, "run": self.run_id}) + "\n"]
+        if resume_iter is not None and os.path.isfile(path):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                records = [r for r in map(_record, f) if r is not None]
+            if records and records[0].get("run", run_id) == run_id:  # else: another run's log, dropped
+                self.lines += [json.dumps(r) + "\n" for r in records if r["iter"] <= resume_iter and "run" not in r]
+        if not pending:
+            self.commit()
+
+    def write(self, record):
+        if self.pending:
+            self.lines.append(json.dumps(record) + "\n")
+        else:
+            self.f.write(json.dumps(record) + "\n")
+            self.f.flush()
+
+    def commit(self):
+        """Write the held records over log.jsonl (atomically) and append from now on."""
+        if self.f is None:
+            with atomic_write(self.path) as f:
+                f.writelines(self.lines)
+            self.f, self.lines, self.pending = open(self.path, "a", encoding="utf-8"), None, False
+
+    def close(self):
+        if self.f is not None:
+            self.f.close()
+
+
+def _record(line):
+    """A log line as a dict with an int "iter", or None for a torn or foreign line."""
+    try:
+        r = json.loads(line)
+        return r if isinstance(r, dict) and isinstance(r.get("iter"), int) else None
+    except ValueError:
+        return None
+
+
+class AllFinite:
+    """all_finite(*tensors): whether every value is finite on every rank (all-reduced under DDP), one host sync."""
+
+    def __init__(self, device, ddp):
+        # a persistent flag, because a temporary tensor handed to gloo can hang the exit: gloo's thread then needs
+        # the GIL to free it while the main thread, holding it, waits for that thread in the group's teardown
+        self.flag, self.ddp = torch.ones((), device=device), ddp
+
+    def __call__(self, *tensors):
+        self.flag.copy_(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+        if self.ddp:
+            torch.distributed.all_reduce(self.flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(self.flag.item())
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+CKPT_KEYS = ("model", "optimizer", "model_config", "train_config", "iter_num", "rng")
+
+
+def save_checkpoint(obj, path):
+    """torch.save through atomic_write: a crash leaves the old checkpoint or the new one."""
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def load_checkpoint(path, classes=()):
+    """A checkpoint written by train.py, with a clear ConfigError for a missing, torn or foreign file, or one whose
+    stored configs hold keys that the dataclasses `classes` (TrainConfig, GPTConfig) lack."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"no checkpoint at {path}: train first, or point out_dir at a run")
+    ckpt = read_torch(path, "checkpoint written by train.py", CKPT_KEYS,
+                      "point out_dir at a train.py run, or start again with --overwrite=true")
+    for cls, key in zip(classes, ("train_config", "model_config")):
+        unknown = sorted(set(ckpt[key]) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"{path}: {key} holds unknown keys {unknown}, so another version of this code wrote it: "
+                              "use that version, or start a new out_dir")
+    return ckpt
+
+
+def load_state(module, state, what):
+    """module.load_state_dict(state), with a ConfigError naming the first missing, extra or misshapen key."""
+    ours = module.state_dict()
+    for key in sorted(ours.keys() | state.keys()):
+        shapes = [tuple(d[key].shape) if key in d else "absent" for d in (state, ours)]
+        if shapes[0] != shapes[1]:
+            raise ConfigError(f"{what} do not match the model (another config?): {key} is {shapes[0]} there, "
+                              f"{shapes[1]} in the model; use the checkpoint of the run itself")
+    module.load_state_dict(state)
+
+
+def model_from_checkpoint(ckpt, device="cpu"):
+    """The GPT of a checkpoint, rebuilt from the config stored in it, in eval mode on `device`."""
+    from model import GPT, GPTConfig
+
+    try:
+        model = GPT(build(GPTConfig, ckpt["model_config"], "the checkpoint's model_config"))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"the checkpoint's model_config is invalid ({e}): another version of this code wrote it")
+    load_state(model, ckpt["model"], "the checkpoint's weights")
+    return model.to(device).eval()
+
+
+def load_run(out_dir, device):
+    """(checkpoint, model) of the run in out_dir, for the tools that read a run (sample, analyze, steer)."""
+    ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+    return ckpt, model_from_checkpoint(ckpt, device_of(device))
+
+
+# ---------------------------------------------------------------------------------------------- token files
+def load_tokens(data_dir, block_size, vocab_size):
+    """(train, val): data_dir/{train,val}.bin as 1-D uint16 np.memmaps, checked against the model.
+
+    Raises ConfigError for a missing directory or file, a torn meta.json, a tokenizer larger than vocab_size, a
+    file shorter than block_size + 1 tokens, or a token id >= vocab_size."""
+    if not os.path.isdir(data_dir):
+        raise ConfigError(f"dataset={data_dir!r} is not a directory: run data/prepare.py to create it, "
+                          "or use dataset=fsm")
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise ConfigError(f"{meta_path} is missing: run data/prepare.py to prepare {data_dir}")
+    n_vocab = read_json(meta_path, "dataset metadata", "re-run data/prepare.py").get("vocab_size")
+    if not isinstance(n_vocab, int):
+        raise ConfigError(f"{meta_path} has no vocab_size (not written by data/prepare.py?): re-run data/prepare.py")
+    if n_vocab > vocab_size:
+        raise ConfigError(f"{meta_path}: the tokenizer has {n_vocab} tokens but vocab_size={vocab_size}: "
+                          f"raise vocab_size (e.g. --vocab_size={-(-n_vocab // 64) * 64})")
+    splits = []
+    for split in ("train", "val"):
+        path = os.path.join(data_dir, f"{split}.bin")
+        if not os.path.isfile(path):
+            raise ConfigError(f"{path} is missing: run data/prepare.py to prepare {data_dir}")
+        n = os.path.getsize(path) // 2
+        if n < block_size + 1:
+            raise ConfigError(f"{path} has {n} tokens, but block_size={block_size} needs at least {block_size + 1}: "
+                              "lower block_size or prepare more text")
+        data = np.memmap(path, dtype=np.uint16, mode="r")
+        top = int(data.max())
+        if top >= vocab_size:
+            raise ConfigError(f"{path} holds token id {top} >= vocab_size={vocab_size}: "
+                              "raise vocab_size or re-run data/prepare.py")
+        splits.append(data)
+    return splits
+
+
+def token_windows(data, ix, block_size):
+    """Windows of block_size + 1 tokens at offsets ix (B,) of a 1-D token array: x, y (B, block_size) int64,
+    y = x shifted by one. One vectorised read, no loop over rows."""
+    w = data[ix.numpy()[:, None] + np.arange(block_size + 1)]  # (B, block_size + 1) uint16
+    w = torch.from_numpy(w.astype(np.int64))
+    return w[:, :-1], w[:, 1:]
+
+
+def lm_batches(val, block_size, max_tokens, batch_size):
+    """Consecutive, non-overlapping val windows, up to max_tokens tokens, as a generator of batches."""
+    n = min((len(val) - 1) // block_size, max(1, max_tokens // block_size))
+    ix = torch.arange(n) * block_size
+    for s in range(0, n, batch_size):
+        yield token_windows(val, ix[s : s + batch_size], block_size)[0]
+
+
+# ---------------------------------------------------------------------------------------------- tokenizers
+EOT = "<|endoftext|>"
+GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # tiktoken's r50k_base hash
+Codec = namedtuple("Codec", "name encode decode eot vocab_size")
+Codec.__doc__ = """One face for both tokenizers: encode(list[str]) -> list[list[int]] (text only, no special
+tokens, so a literal "<|endoftext|>" in the text is just text), decode(list[int]) -> str, the end-of-text id,
+and vocab_size (every id is below it)."""
+
+
+def gpt2_tokenizer(path=None):
+    """GPT-2 BPE (r50k_base) as a tiktoken.Encoding, from a local r50k_base.tiktoken (its sha256 must be
+    tiktoken's; ValueError otherwise), or with path None from tiktoken's own download cache."""
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    if path is None:
+        return tiktoken.get_encoding("r50k_base")
+    ranks = load_tiktoken_bpe(path, expected_hash=GPT2_SHA256)
+    return tiktoken.Encoding("r50k_base", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={EOT: 50256})
+
+
+def neox_tokenizer(path):
+    """Pythia's GPT-NeoX-20B BPE from a tokenizer.json, as a tokenizers.Tokenizer (50,277 tokens, eot = 0)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(path)
+    tok.encode_special_tokens = True  # "<|endoftext|>" in the text is text, as tiktoken's encode_ordinary
+    return tok
+
+
+def load_codec(name, path):
+    """Codec for name "gpt2" (path: a .tiktoken file) or "neox" (path: a tokenizer.json); ConfigError if the
+    file cannot be loaded as that tokenizer."""
+    try:
+        if name == "gpt2":
+            enc = gpt2_tokenizer(path)
+            return Codec("gpt2", enc.encode_ordinary_batch, enc.decode, enc.eot_token, enc.n_vocab)
+        if name == "neox":
+            tok = neox_tokenizer(path)
+            encode = lambda docs: [e.ids for e in tok.encode_batch(docs, add_special_tokens=False)]  # noqa: E731
+            decode = lambda ids: tok.decode(list(ids), skip_special_tokens=False)  # noqa: E731
+            return Codec("neox", encode, decode, tok.token_to_id(EOT), tok.get_vocab_size())
+    except Exception as e:  # a missing file, a hash mismatch, a tokenizer.json that is not one
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"cannot load {path} as the {name} tokenizer ({first}): pass the right tokenizer file") \
+            from None
+    raise ConfigError(f"unknown tokenizer {name!r}: 'gpt2' or 'neox'")
+
+
+def load_tokenizer(data_dir):
+    """(Codec, meta) of a prepared dataset directory, from its meta.json and its copy of the tokenizer."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path} not found: run data/prepare.py to prepare {data_dir}")
+    meta = read_json(path, "dataset metadata", "re-run data/prepare.py")
+    if not {"tokenizer", "tokenizer_file"} <= set(meta):
+        raise ConfigError(f"{path} names no tokenizer (not written by data/prepare.py?): re-run data/prepare.py")
+    return load_codec(meta["tokenizer"], os.path.join(data_dir, meta["tokenizer_file"])), meta
+
+
+def vocab_strings(decode):
+    """A cached token -> text function for a decode(list[int]) -> str callable (or a Codec)."""
+    decode = getattr(decode, "decode", decode)
+    return functools.lru_cache(maxsize=None)(lambda t: decode([t]))

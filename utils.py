@@ -105,7 +105,8 @@ def validate(cfg):
         if "interval" in m:
             lo, lo_in, hi, hi_in, rule = m["interval"]
             if not ((lo <= value if lo_in else lo < value) and (value <= hi if hi_in else value < hi)):
-                raise ConfigError(f"{key}={value} is out of range: it must be {rule} (pass --{key}=X with X {rule})")
+                within = f"in {rule}" if rule[0] in "[(" else rule
+                raise ConfigError(f"{key}={value} is out of range: it must be {within} (pass --{key}=X with X {within})")
         if "choices" in m and value not in m["choices"]:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(repr, m['choices']))}: pick one")
         if m.get("each"):

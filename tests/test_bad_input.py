@@ -477,7 +477,7 @@ ALL = {"train.py": TRAIN, "sample.py": SAMPLE, "analyze.py": ANALYZE, "steer.py"
 def test_readme_states_the_number_of_cases():
     """The README's count of bad-input cases is this file's, so it cannot drift."""
     n = sum(map(len, ALL.values()))
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    readme = " ".join(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().split())
     per = ", ".join(f"{script} {len(t)}" for script, t in ALL.items())
     assert f"**{n} bad-input cases**" in readme and per in readme, (n, per)
 

@@ -38,9 +38,10 @@ from typing import Optional
 import torch
 
 import report
+from evaluate import dictionary_metrics
 from fsm import TokFSM
 from utils import (ConfigError, cli, is_device, is_out_dir, is_regex, lm_batches, load_run, load_tokenizer,
-                   load_tokens, parse_config, read_torch, spec, staged_dir, validate, vocab_strings)
+                   load_tokens, parse_config, read_json, read_torch, spec, staged_dir, validate, vocab_strings)
 
 
 @dataclass
@@ -273,6 +274,18 @@ def fsm_analysis(col, fsm, model=None, device="cpu", batch_size=256):
     return summary, tables, concepts
 
 
+def state_codes(model, path):
+    """{state: (codebook, group, code)}: each state's code by F1 over the MLP books, from analyze.py's fsm.json."""
+    per_state = read_json(path, "analyze.py's fsm.json", "run analyze.py on this model").get("mlp", {}).get("per_state")
+    if not isinstance(per_state, list):
+        raise ConfigError(f"{path} holds no state codes (mlp.per_state): run analyze.py on a model with MLP codebooks")
+    books = {book: (name, g) for book, name, g, _ in model.books()}
+    try:
+        return {int(s["state"]): (*books[s["book"]], int(s["code"])) for s in per_state}
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(f"{path} does not describe this model's codebooks: run analyze.py on it again") from None
+
+
 # ---------------------------------------------------------------------------------------------- language
 def regex_mask(tokens, tok, regex):
     """(n, T) bool: tokens that overlap a match of `regex` (case-insensitive) in their row's decoded text."""
@@ -324,8 +337,18 @@ def report_regex(out, cfg, col, tok):
 
 
 # ---------------------------------------------------------------------------------------------- main
-def collect(cfg, ckpt, model, fsm):
-    """The codes of the eval data (TokFSM's fixed eval set, or consecutive val windows), or those of --codes."""
+def eval_batches(cfg, ckpt, model, fsm):
+    """The analysed data as (x, y) batches: train.py's fixed TokFSM eval set, or consecutive val windows."""
+    T = model.config.block_size
+    if fsm is not None:
+        return list(zip(*(t.split(cfg.batch_size) for t in fsm.eval_set(cfg.num_seqs, T))))
+    rows = max(1, min(cfg.batch_size, 2**26 // (T * model.config.vocab_size)))  # logits <= 256 MiB
+    val = load_tokens(cfg.dataset or ckpt["train_config"]["dataset"], T, model.config.vocab_size)[1]
+    return lm_batches(val, T, cfg.max_tokens, rows)
+
+
+def collect(cfg, model, batches):
+    """The codes the model chooses on the batches, or those of --codes."""
     if cfg.codes:  # reuse an earlier collection
         col = read_torch(cfg.codes, "codes.pt of analyze.py", ("tokens", "codes"),
                          "pass a codes.pt that analyze.py wrote")
@@ -333,14 +356,7 @@ def collect(cfg, ckpt, model, fsm):
             raise ConfigError(f"{cfg.codes} holds codes of {sorted(col['codes'])}, but {cfg.out_dir} has codebooks "
                               f"{[n for n, _ in model.codebooks()]}: collect them again without --codes")
         return col
-    T, dev = model.config.block_size, next(model.parameters()).device
-    if fsm is not None:  # the fixed eval set of train.py
-        batches = fsm.eval_set(cfg.num_seqs, T)[0].split(cfg.batch_size)
-    else:
-        rows = max(1, min(cfg.batch_size, 2**26 // (T * model.config.vocab_size)))  # logits <= 256 MiB
-        val = load_tokens(cfg.dataset or ckpt["train_config"]["dataset"], T, model.config.vocab_size)[1]
-        batches = lm_batches(val, T, cfg.max_tokens, rows)
-    return collect_codes(model, batches, dev)
+    return collect_codes(model, [x for x, _ in batches], next(model.parameters()).device)
 
 
 def main(argv):
@@ -353,18 +369,16 @@ def main(argv):
     fsm = TokFSM(tc["num_states"], tc["num_edges"], tc["fsm_seed"]) if tc.get("dataset", "fsm") == "fsm" else None
     if fsm is None:  # the tokenizer first: fail before the model runs
         tok = vocab_strings(load_tokenizer(cfg.dataset or tc["dataset"])[0])
-    col = collect(cfg, ckpt, model, fsm)
+    batches = eval_batches(cfg, ckpt, model, fsm)
+    col = collect(cfg, model, batches)
     col_books = model.books()
     print(f"codes of {col['tokens'].numel():,} tokens at {len(col['codes'])} codebooks ({len(col_books)} books)")
+    dictionary = dictionary_metrics(model, batches)  # L0, FVU, dead, CE loss recovered, per codebook and in total
     with staged_dir(cfg.save_dir) as out:  # every output, or none: save_dir is replaced only when all are written
         torch.save(col, os.path.join(out, "codes.pt"))
         col["books"] = col_books
         stats = {b: code_stats(col["codes"][n][:, :, g], cb.num_codes) for b, n, g, cb in col["books"]}
-        with open(os.path.join(out, "stats.json"), "w") as f:
-            json.dump({b: {k: v for k, v in st.items() if k != "counts"} for b, st in stats.items()}, f, indent=1)
-        for b, st in stats.items():
-            print(f"  {b:22s} used {int((st['counts'] > 0).sum()):5d}  dead {st['dead_pct']:5.1f}%  "
-                  f"entropy {st['entropy_bits']:5.2f} bits ({st['effective']:.0f} effective codes)")
+        report.code_summary(out, stats, dictionary)
         report.plot_frequencies(os.path.join(out, "freq.png"), stats, col)
         if fsm:
             summary, tables, concepts = fsm_analysis(col, fsm, model, model.lm_head.weight.device, cfg.batch_size)

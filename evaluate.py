@@ -6,7 +6,12 @@ steer.py (ablations) and analyze.py:
   first-transition accuracy of sequences sampled at temperature 1 (fsm.py defines the metrics);
 - language models: loss, next-token accuracy, perplexity, and dloss = the loss minus the loss of the same
   weights with every codebook bypassed (what the bottleneck costs);
-- both: the % of dead codes, codes that no eval token selects.
+- both, as dictionary-learning papers report them for sparse autoencoders (Gao et al. 2024, "Scaling and evaluating
+  sparse autoencoders"): the % of dead codes (that no eval token selects), the fraction of variance unexplained
+  FVU = sum |q - a|^2 / sum |a - mean(a)|^2 of each codebook's output q against its input a, in the space the codes
+  live in (after the codebook's LayerNorm), and CE loss recovered = (L_zero - L) / (L_zero - L_bypass): L with the
+  codes, L_zero with the codebook's output zeroed, L_bypass with the codebook bypassed (1 = the codes lose nothing,
+  0 = no better than deleting the site). L0, the codes per token, is k per group.
 """
 
 import contextlib
@@ -18,26 +23,53 @@ from fsm import TokFSM
 from utils import token_windows
 
 
-class CodeUsage:
-    """Which codes the codebooks that are on choose over several forwards: call `update` after each."""
+class Recorder:
+    """Within the block, what the codebooks that are on do over several forwards: which codes they choose (dead %)
+    and how well their outputs reconstruct their inputs (FVU), per codebook."""
 
     def __init__(self, model):
-        self.used = [(cb, torch.zeros(cb.groups, cb.num_codes, dtype=torch.bool, device=cb.codes.device))
-                     for _, cb in model.codebooks() if not cb.bypass]
+        self.books = [(name, cb) for name, cb in model.codebooks() if not cb.bypass]
+        self.used = {n: torch.zeros(cb.groups, cb.num_codes, dtype=torch.bool, device=cb.codes.device)
+                     for n, cb in self.books}
+        self.sums = {n: torch.zeros(3, cb.dim, dtype=torch.float64, device=cb.codes.device) for n, cb in self.books}
+        self.count = {n: 0 for n, _ in self.books}
 
-    def update(self):
-        for cb, u in self.used:
-            u.view(-1)[cb.flat_indices(cb.last_indices.view(-1, cb.groups, cb.k)).flatten()] = True
+    def __enter__(self):
+        self.hooks = [cb.register_forward_hook(lambda m, i, o, n=n: self.record(n, m, i[0], o)) for n, cb in self.books]
+        return self
 
-    def dead_pct(self):
-        """% of the codes that no forward selected; 0 without codebooks."""
-        return 100 * (1 - torch.cat([u.flatten() for _, u in self.used]).float().mean().item()) if self.used else 0.0
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+
+    @torch.no_grad()
+    def record(self, name, cb, x, out):
+        a = x.reshape(-1, cb.groups, cb.dim // cb.groups)  # (N, G, d): the input, as the codes see it
+        a = (cb.ln(a) if cb.ln is not None else a).reshape(-1, cb.dim).double()
+        q = out.reshape(-1, cb.dim).double()  # the forward value of q + a - a.detach() is q
+        s = self.sums[name]  # per dimension: sum (q - a)^2, sum a, sum a^2
+        s += torch.stack([(q - a).square().sum(0), a.sum(0), a.square().sum(0)])
+        self.count[name] += a.shape[0]
+        idx = cb.last_indices.view(-1, cb.groups, cb.k)
+        self.used[name].view(-1)[cb.flat_indices(idx)[idx >= 0]] = True
+
+    def fvu(self, name=None):
+        """FVU of one codebook, or of all of them together (their errors and variances summed)."""
+        names = [name] if name else list(self.sums)
+        sse = sum(self.sums[n][0].sum().item() for n in names)
+        sst = sum((self.sums[n][2] - self.sums[n][1].square() / max(self.count[n], 1)).sum().item() for n in names)
+        return sse / sst if sst > 0 else math.nan
+
+    def dead_pct(self, name=None):
+        """% of the codes (of one codebook, or of all) that no forward selected; 0 without codebooks."""
+        used = [self.used[name]] if name else list(self.used.values())
+        return 100 * (1 - torch.cat([u.flatten() for u in used]).float().mean().item()) if used else 0.0
 
 
 @contextlib.contextmanager
-def bypassed(model):
-    """Within the block every codebook of `model` is bypassed: the same weights without the bottleneck."""
-    cbs = [cb for _, cb in model.codebooks()]
+def bypassed(model, names=None):
+    """Within the block the codebooks `names` (default all) of `model` are bypassed: the weights without them."""
+    cbs = [cb for n, cb in model.codebooks() if names is None or n in names]
     was = [cb.bypass for cb in cbs]
     try:
         for cb in cbs:
@@ -48,66 +80,111 @@ def bypassed(model):
             cb.bypass = b
 
 
-@torch.no_grad()
-def evaluate_fsm(model, fsm, eval_x, eval_y, samples=1000, seed=1337, autocast=None, batch=256):
-    """TokFSM metrics on the fixed eval set eval_x, eval_y (n, T), and of `samples` sequences sampled from BOS.
+@contextlib.contextmanager
+def zeroed(model, names=None):
+    """Within the block the outputs of the codebooks `names` (default all) are zero (the site is deleted)."""
+    hooks = [cb.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+             for n, cb in model.codebooks() if names is None or n in names]
+    try:
+        yield model
+    finally:
+        for h in hooks:
+            h.remove()
 
-    Returns {"loss" (nats/token), "acc", "valid_mass", "valid", "first" (fractions), "dead_pct" (%)}; valid and first
-    are NaN when the loss is not finite (sampling needs finite logits)."""
-    model.eval()
+
+@torch.no_grad()
+def mean_ce(model, batches, autocast=None, each=None):
+    """(mean cross-entropy in nats/token, next-token accuracy) of `model` over a list of (x, y) batches (B, T);
+    each(logits, y), when given, sees every batch's logits."""
     device, autocast = next(model.parameters()).device, autocast or contextlib.nullcontext()
-    usage = CodeUsage(model)
-    ce = correct = mass = n = 0.0
-    for s in range(0, eval_x.size(0), batch):
-        x, y = eval_x[s : s + batch].to(device), eval_y[s : s + batch].to(device)
+    ce = correct = n = 0.0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
         with autocast:
             logits, _, terms = model(x, y)
         ce += terms["ce"].item() * x.size(0)
         correct += (logits.argmax(-1) == y).float().mean().item() * x.size(0)
-        mass += fsm.valid_mass(logits.cpu(), y.cpu()) * x.size(0)
         n += x.size(0)
-        usage.update()
-    valid = first = math.nan
-    if math.isfinite(ce):
+        if each is not None:
+            each(logits, y)
+    return ce / n, correct / n
+
+
+def recovered(loss, loss_bypass, loss_zero):
+    """CE loss recovered (module docstring); NaN when zeroing costs nothing."""
+    return (loss_zero - loss) / (loss_zero - loss_bypass) if loss_zero != loss_bypass else math.nan
+
+
+@torch.no_grad()
+def dictionary_metrics(model, batches, autocast=None, per_codebook=True):
+    """L0, FVU, dead and alive % and CE loss recovered (module docstring) of every codebook that is on, alone (the
+    others kept), and of all of them together ("total"). batches: a list of (x, y). Costs 1 + 2 * (codebooks + 1)
+    passes over the batches."""
+    with Recorder(model) as rec:
+        loss, _ = mean_ce(model, batches, autocast)
+    names = [n for n, _ in rec.books] if per_codebook else []
+    out = {}
+    for name in [*names, None]:
+        with bypassed(model, name and [name]):
+            lb, _ = mean_ce(model, batches, autocast)
+        with zeroed(model, name and [name]):
+            lz, _ = mean_ce(model, batches, autocast)
+        dead = rec.dead_pct(name)
+        out[name or "total"] = {"L0": dict(rec.books)[name].k if name else None, "fvu": rec.fvu(name),
+                                "dead_pct": dead, "alive_pct": 100 - dead, "loss": loss, "loss_bypass": lb,
+                                "loss_zero": lz, "recovered": recovered(loss, lb, lz)}
+    return out
+
+
+@torch.no_grad()
+def evaluate_fsm(model, fsm, eval_x, eval_y, samples=1000, seed=1337, autocast=None, batch=256):
+    """TokFSM metrics on the fixed eval set eval_x, eval_y (n, T), and of `samples` sequences sampled from BOS.
+
+    Returns {"loss" (nats/token), "acc", "valid_mass", "valid", "first" (fractions), "dead_pct" (%), "fvu",
+    "recovered"}; valid and first are NaN when the loss is not finite (sampling needs finite logits), fvu and
+    recovered when no codebook is on."""
+    model.eval()
+    batches = list(zip(eval_x.split(batch), eval_y.split(batch)))
+    mass = []
+    with Recorder(model) as rec:
+        loss, acc = mean_ce(model, batches, autocast, lambda logits, y: mass.append(
+            fsm.valid_mass(logits.cpu(), y.cpu()) * y.size(0)))
+    m = {"loss": loss, "acc": acc, "valid_mass": sum(mass) / eval_x.size(0), "valid": math.nan, "first": math.nan,
+         "dead_pct": rec.dead_pct(), "fvu": rec.fvu(), "recovered": math.nan}
+    if rec.books and math.isfinite(loss):
+        with bypassed(model):
+            lb, _ = mean_ce(model, batches, autocast)
+        with zeroed(model):
+            m["recovered"] = recovered(loss, lb, mean_ce(model, batches, autocast)[0])
+    if math.isfinite(loss):
+        device = next(model.parameters()).device
         bos = torch.full((samples, 1), TokFSM.EOT, dtype=torch.long, device=device)
-        gen = torch.Generator(device=device).manual_seed(seed)
-        with autocast:
-            out = model.generate(bos, model.config.block_size - 1, temperature=1.0, generator=gen)
-        valid, first = fsm.transition_accuracy(out.cpu())
+        with autocast or contextlib.nullcontext():
+            out = model.generate(bos, model.config.block_size - 1, temperature=1.0,
+                                 generator=torch.Generator(device=device).manual_seed(seed))
+        m["valid"], m["first"] = fsm.transition_accuracy(out.cpu())
     model.train()
-    return {"loss": ce / n, "acc": correct / n, "valid_mass": mass / n, "valid": valid, "first": first,
-            "dead_pct": usage.dead_pct()}
+    return m
 
 
 @torch.no_grad()
 def evaluate_lm(model, val, eval_ix, batch, autocast=None):
     """Language-model metrics on the fixed val windows at offsets eval_ix of the token array `val`.
 
-    Returns {"loss", "acc", "ppl", "loss_nocb", "dloss", "dead_pct"}: dloss = loss - loss_nocb, the loss with
-    every codebook bypassed (0 while they all are, e.g. before codebook_start)."""
+    Returns {"loss", "acc", "ppl", "loss_nocb", "dloss", "dead_pct", "fvu", "recovered"}: dloss = loss - loss_nocb,
+    the loss with every codebook bypassed (0 while they all are, e.g. before codebook_start)."""
     model.eval()
-    device, autocast = next(model.parameters()).device, autocast or contextlib.nullcontext()
-    usage = CodeUsage(model)
-
-    def run(track):
-        ce = correct = 0.0
-        for s in range(0, len(eval_ix), batch):
-            x, y = token_windows(val, eval_ix[s : s + batch], model.config.block_size)
-            x, y = x.to(device), y.to(device)
-            with autocast:
-                logits, _, terms = model(x, y)
-            ce += terms["ce"].item() * x.size(0)
-            correct += (logits.argmax(-1) == y).float().mean().item() * x.size(0)
-            if track:
-                usage.update()
-        return ce / len(eval_ix), correct / len(eval_ix)
-
-    loss, acc = run(track=True)
-    loss_nocb = loss
-    if usage.used:
+    batches = [token_windows(val, eval_ix[s : s + batch], model.config.block_size)
+               for s in range(0, len(eval_ix), batch)]
+    with Recorder(model) as rec:
+        loss, acc = mean_ce(model, batches, autocast)
+    loss_nocb, rec_ = loss, math.nan
+    if rec.books:
         with bypassed(model):
-            loss_nocb, _ = run(track=False)
+            loss_nocb, _ = mean_ce(model, batches, autocast)
+        with zeroed(model):
+            rec_ = recovered(loss, loss_nocb, mean_ce(model, batches, autocast)[0])
     model.train()
     ppl = math.exp(min(loss, 709.0))  # exp overflows a float past 709.78
     return {"loss": loss, "acc": acc, "ppl": ppl, "loss_nocb": loss_nocb, "dloss": loss - loss_nocb,
-            "dead_pct": usage.dead_pct()}
+            "dead_pct": rec.dead_pct(), "fvu": rec.fvu(), "recovered": rec_}

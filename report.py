@@ -166,3 +166,19 @@ def fsm_summary(out, summary, tables):
     top = max((b for b in summary["books"] if "mlp" in b), key=lambda b: summary["books"][b]["state"]["owned"])
     plot_heatmap(os.path.join(out, "heatmap.png"), tables["state"][top], top)
 
+
+
+def code_summary(out, stats, dictionary):
+    """stats.json ({"books": per-book frequency statistics, "codebooks": evaluate.dictionary_metrics}) in `out`,
+    and both printed."""
+    with open(os.path.join(out, "stats.json"), "w") as f:
+        books = {b: {k: v for k, v in st.items() if k != "counts"} for b, st in stats.items()}
+        json.dump({"books": books, "codebooks": dictionary}, f, indent=1)
+    for b, st in stats.items():
+        print(f"  {b:22s} used {int((st['counts'] > 0).sum()):5d}  dead {st['dead_pct']:5.1f}%  "
+              f"entropy {st['entropy_bits']:5.2f} bits ({st['effective']:.0f} effective codes)")
+    print(f"\n  {'codebook':16s} {'L0':>3s} {'FVU':>6s} {'dead':>6s} {'loss':>7s} {'bypassed':>9s} {'zeroed':>7s} "
+          f"{'recovered':>9s}")
+    for name, d in dictionary.items():
+        print(f"  {name:16s} {d['L0'] or '':>3} {d['fvu']:6.3f} {d['dead_pct']:5.1f}% {d['loss']:7.4f} "
+              f"{d['loss_bypass']:9.4f} {d['loss_zero']:7.4f} {d['recovered']:9.3f}")

@@ -16,7 +16,7 @@ already; "all" makes the forced codes the only active ones. Removal (ablate_to):
 top-k, so the next best takes its place; "zero" drops it (its slot adds nothing).
 
 The FSM swap (paper Fig. 4). Pick random pairs (A, B) of states with disjoint successor sets. Build a context
-that ends in A (BOS + `context_states` states of a walk, the last being A) and one that ends in B, and read
+that ends in A (BOS and A's digits, as the authors' protocol) and one that ends in B, and read
 the next state from each: the context followed by every prefix of the next state's digits. At the sites of a
 site group and at the patched positions, the A run's codes are replaced by those the B run chose there:
     patch="last"        the last token of the context;
@@ -25,15 +25,15 @@ site group and at the patched positions, the A run's codes are replaced by those
                         context chooses for the same digits). Why: the next state's later digits are predicted
                         at its own positions, whose first attention layer reads the raw tokens of A; a patch of
                         the context alone moves the first digit to B's but leaves the rest to A (measured, README).
-From the logits, the exact next-state distribution p(s) = prod_j p(digit_j of s | context, digits < j)
-(plus one bucket for malformed continuations) is read for the patched A run and the plain A and B runs.
-Then, averaged over the pairs:
-    success = p_patched(successors of B): the expected fraction of sampled next states that are valid
-              successors of B (and, the sets being disjoint, not of A); computed exactly, not sampled;
-    JSD     = JSD(p_patched, p_B) / JSD(p_A, p_B) with JSD(p, q) = KL(p || m) / 2 + KL(q || m) / 2, m = (p + q) / 2,
-              natural log, over the S + 1 outcomes: 1 = no effect (the unpatched A context), 0 = exactly B.
-Site groups: all (attention + MLP codebooks), mlp, attn, and each layer alone.
-topics.py steers language models towards topics with these interventions (paper Table 3).
+From the logits, the exact next-state distribution p(s) = prod_j p(digit_j of s | context, digits < j) (plus one
+bucket for malformed continuations) and the next-token distribution are read for the patched A run and the plain
+A and B runs. Averaged over the pairs:
+    success   = p_patched(successors of B), exact, not sampled (the sets being disjoint, none is A's);
+    jsd       = JSD(p_patched, p_B) / JSD(p_A, p_B) over next states, JSD(p, q) = KL(p || m) / 2 + KL(q || m) / 2,
+                m = (p + q) / 2, natural log: 1 = no effect (the unpatched A context), 0 = exactly B;
+    jsd_token = the same over the next token: the paper's Fig. 4 metric (there with patch="state").
+Site groups: all, mlp, attn and each layer alone; with --state_codes (analyze.py's fsm.json) also "code": B's own
+state code alone, forced at the last position of the context, in its MLP codebook. (topics.py steers text.)
 """
 
 import json
@@ -44,11 +44,11 @@ from typing import Optional
 
 import torch
 
+from analyze import state_codes
 from evaluate import evaluate_fsm, evaluate_lm
 from fsm import TokFSM
 from utils import (ConfigError, atomic_write, cli, is_device, is_out_dir, load_run, load_tokenizer, load_tokens,
                    parse_config, spec, split_list, validate)
-
 
 
 def _save_path(path):
@@ -70,8 +70,8 @@ class SteerConfig:
     max_new_tokens: int = spec(200, ">= 1")  # generate: new tokens per sample (TokFSM: up to block_size)
     temperature: float = spec(1.0, ">= 0")  # 0 = greedy
     pairs: int = spec(500, ">= 1")  # fsm: random (A, B) state pairs
-    context_states: int = spec(1, ">= 1")  # fsm: states in the context, the last being A (or B)
     patch: str = spec("state+next", ("last", "state", "state+next"))  # fsm: positions patched (module docstring)
+    state_codes: str = ""  # fsm: analyze.py's fsm.json: also force B's own state code alone (the "code" row)
     dataset: Optional[str] = None  # LM: the data/prepare.py directory; None = the checkpoint's
     eval_seqs: int = spec(2048, ">= 1")  # ablate: eval sequences (TokFSM) or val windows (LM)
     seed: int = spec(1337, ">= 0")
@@ -186,43 +186,26 @@ def patched(model, new):
 
 
 # ---------------------------------------------------------------------------------------------- TokFSM swap
-def has_past(fsm):
-    """(S,) bool: states that end walks of any length (a predecessor that is such a state itself)."""
-    ok = torch.ones(fsm.num_states, dtype=torch.bool)
-    while True:
-        new = ok & (fsm.adj & ok.unsqueeze(1)).any(0)
-        if torch.equal(new, ok):
-            return ok
-        ok = new
-
-
-def walks_ending_in(fsm, ends, num_states, generator):
-    """(n, num_states) walks whose last state is ends (n,), each in has_past(fsm): sampled backwards, one random
-    predecessor (with a past itself) at a time."""
-    walk = [ends]
-    pred = fsm.adj.t().float() * has_past(fsm).float()  # (S, S): pred[t, s] = 1 iff s -> t and s has a past
-    for _ in range(num_states - 1):
-        walk.insert(0, torch.multinomial(pred[walk[0]], 1, generator=generator).squeeze(1))
-    return torch.stack(walk, 1)
-
-
 def site_groups(model):
-    """{group name: [sites]}: all, mlp, attn, and layer0, layer1, ... (groups that hold codebooks)."""
+    """{group name: [codebooks]}: all, mlp, attn, layer0, layer1, ..., and each codebook alone (the paper's groups,
+    e.g. h.0.attn_heads = "L0 attention"), those that hold codebooks."""
     sites = [s for s, _ in model.codebooks()]
     groups = {"all": sites, "mlp": [s for s in sites if "mlp" in s], "attn": [s for s in sites if "attn" in s]}
     for layer in range(model.config.n_layer):
         groups[f"layer{layer}"] = [s for s in sites if s.startswith(f"h.{layer}.")]
-    return {name: s for name, s in groups.items() if s}
+    return {**{name: s for name, s in groups.items() if s}, **{s: [s] for s in sites}}
 
 
 @torch.no_grad()
 def next_state_dist(model, fsm, ctx, new=None, return_codes=False):
-    """Exact next-state distribution after each context: (n, S + 1), the last column the malformed rest.
+    """Exact next-state distribution after each context, (n, S + 1) with the last column the malformed rest, and
+    the next-token distribution (n, V), the paper's readout.
 
     The contexts (n, T), ending at a state's last digit, are run once per distinct prefix of the next state's
     first D - 1 digits, as rows (n * P, T + D - 1); their logits give every p(digit_j | context, digits < j).
     new: None, or {site: (n * P, T + D - 1, G, k)} codes to patch into those rows (-2 = keep the model's).
     return_codes: also return the codes chosen, {site: (n * P, T + D - 1, G, k)}, in the same layout.
+    Returns (p_state, p_token) or (p_state, p_token, codes).
     """
     n, T = ctx.shape
     S, D = fsm.num_states, fsm.digits
@@ -240,9 +223,10 @@ def next_state_dist(model, fsm, ctx, new=None, return_codes=False):
     lp = logp[:, which.unsqueeze(1), torch.arange(D).unsqueeze(0), digits]  # (n, S, D)
     p = lp.sum(-1).exp()  # (n, S)
     p = torch.cat([p, (1 - p.sum(1, keepdim=True)).clamp(min=0)], 1)
+    token = logp[:, 0, 0].exp()  # (n, V): position T - 1 precedes every prefix, so any row of the context will do
     if return_codes:
-        return p, {s: cb.last_indices.cpu().long() for s, cb in model.codebooks()}
-    return p
+        return p, token, {s: cb.last_indices.cpu().long() for s, cb in model.codebooks()}
+    return p, token
 
 
 def jsd(p, q):
@@ -255,49 +239,75 @@ def jsd(p, q):
     return (kl(p, m) + kl(q, m)) / 2
 
 
-@torch.no_grad()
-def fsm_swap(model, fsm, pairs=500, context_states=1, patch="state+next", groups=None, seed=0, batch=100):
-    """The swap of the module docstring, for each site group (default site_groups(model)).
-
-    Returns {group: {"success", "stay": p(successors of A), "jsd": normalised, "first_digit": p(the next state's
-    first digit begins a successor of B)}}, plus "none" (the plain A run: JSD 1) and "B" (the plain B run: the
-    ceiling of success). patch: "last", "state" or "state+next"."""
-    g = torch.Generator().manual_seed(seed)
-    S, D = fsm.num_states, fsm.digits
+def swap_pairs(fsm, pairs, seed=0):
+    """Random pairs (A, B) of states with disjoint successor sets and their contexts: (A (n,), B (n,), ctx_a (n, T),
+    ctx_b (n, T)), each context BOS and the digits of A (or B)."""
     disjoint = ~(fsm.adj.float() @ fsm.adj.float().t()).bool()  # (S, S) successor sets share no state
-    past = has_past(fsm) if context_states > 1 else torch.ones(S, dtype=torch.bool)
-    ok = (disjoint & past.unsqueeze(1) & past.unsqueeze(0)).nonzero()  # candidate (A, B)
+    ok = disjoint.nonzero()  # candidate (A, B)
     if len(ok) == 0:
         raise ConfigError("no pair of states has disjoint successor sets in this FSM")
-    A, B = ok[torch.randint(len(ok), (pairs,), generator=g)].t()
+    A, B = ok[torch.randint(len(ok), (pairs,), generator=torch.Generator().manual_seed(seed))].t()
     bos = torch.full((pairs, 1), TokFSM.EOT, dtype=torch.long)
-    ctx_a = torch.cat([bos, fsm.states_to_tokens(walks_ending_in(fsm, A, context_states, g))], 1)  # (n, T)
-    ctx_b = torch.cat([bos, fsm.states_to_tokens(walks_ending_in(fsm, B, context_states, g))], 1)
-    T = ctx_a.shape[1]
+    return A, B, *(torch.cat([bos, fsm.states_to_tokens(X.unsqueeze(1))], 1) for X in (A, B))
+
+
+def swap_scores(fsm, A, B, dists):
+    """Per pair and run, the metrics of fsm_swap from {run: (p_state, p_token)} holding "none" (A) and "B":
+    {run: (n, 5) success, stay, jsd (normalised, states), jsd_token (normalised, tokens), first_digit}."""
+    S = fsm.num_states
     first = fsm.states_to_tokens(torch.arange(S).unsqueeze(1))[:, 0]  # (S,) first digit of each state
     pad = lambda m: torch.cat([m, torch.zeros(len(m), 1, dtype=torch.bool)], 1)  # noqa: E731 (+ malformed bucket)
+    succ_a, succ_b = pad(fsm.adj[A]), pad(fsm.adj[B])  # (n, S + 1)
+    starts_b = pad((first.view(1, S, 1) == first[fsm.succ[B]].unsqueeze(1)).any(-1))  # first digit as B's
+    (p_a, t_a), (p_b, t_b) = dists["none"], dists["B"]
+    base, base_t = jsd(p_a, p_b), jsd(t_a, t_b)
+    return {name: torch.stack([(p * succ_b).sum(1), (p * succ_a).sum(1), jsd(p, p_b) / base, jsd(t, t_b) / base_t,
+                               (p * starts_b).sum(1)], 1) for name, (p, t) in dists.items()}
+
+
+SWAP_KEYS = ("success", "stay", "jsd", "jsd_token", "first_digit")
+
+
+@torch.no_grad()
+def fsm_swap(model, fsm, pairs=500, patch="state+next", groups=None, seed=0, batch=100, state_codes=None):
+    """The swap of the module docstring, for each site group (default site_groups(model)).
+
+    Returns {group: {"success", "stay": p(successors of A), "jsd": normalised over next states, "jsd_token":
+    normalised over next tokens (the paper's Fig. 4), "first_digit": p(the next state's first digit begins a
+    successor of B)}}, plus "none" (the plain A run: JSD 1) and "B" (the plain B run: the ceiling of success).
+    patch: "last", "state" or "state+next". state_codes: {state: (codebook, group, code)}, each state's own code
+    (analyze.py's); when given, group "code" forces B's code alone at the last position in place of the model's."""
+    A, B, ctx_a, ctx_b = swap_pairs(fsm, pairs, seed)
+    T, D = ctx_a.shape[1], fsm.digits
     pos = {"last": [T - 1], "state": list(range(T - D, T)), "state+next": list(range(T - D, T + D - 1))}[patch]
     groups = groups or site_groups(model)
-    res = {name: [] for name in ["none", "B", *groups]}
+    res = []
     for s in range(0, pairs, batch):
-        a, b = ctx_a[s : s + batch], ctx_b[s : s + batch]
-        p_b, codes_b = next_state_dist(model, fsm, b, return_codes=True)  # B's codes at every position
-        dists = {"none": next_state_dist(model, fsm, a), "B": p_b}
+        a, b, B_ = ctx_a[s : s + batch], ctx_b[s : s + batch], B[s : s + batch]
+        p_b, t_b, codes_b = next_state_dist(model, fsm, b, return_codes=True)  # B's codes at every position
+        dists = {"none": next_state_dist(model, fsm, a), "B": (p_b, t_b)}
         for name, sites in groups.items():
             new = {}
             for site in sites:
                 new[site] = torch.full_like(codes_b[site], -2)
                 new[site][:, pos] = codes_b[site][:, pos]
             dists[name] = next_state_dist(model, fsm, a, new)
-        a_, b_ = A[s : s + batch], B[s : s + batch]
-        succ_a, succ_b = pad(fsm.adj[a_]), pad(fsm.adj[b_])  # (n, S + 1)
-        starts_b = pad((first.view(1, S, 1) == first[fsm.succ[b_]].unsqueeze(1)).any(-1))  # first digit as B's
-        base = jsd(dists["none"], p_b)
-        for name, p in dists.items():
-            res[name].append(torch.stack([(p * succ_b).sum(1), (p * succ_a).sum(1), jsd(p, p_b) / base,
-                                          (p * starts_b).sum(1)], 1))
-    return {name: dict(zip(("success", "stay", "jsd", "first_digit"), torch.cat(r).mean(0).tolist()))
-            for name, r in res.items()}
+        if state_codes:
+            dists["code"] = next_state_dist(model, fsm, a, own_code(model, B_, state_codes, codes_b, T))
+        res.append(swap_scores(fsm, A[s : s + batch], B_, dists))
+    return {name: dict(zip(SWAP_KEYS, torch.cat([r[name] for r in res]).mean(0).tolist())) for name in res[0]}
+
+
+def own_code(model, states, state_codes, like, T):
+    """Patches (next_state_dist's `new`) that force each row's state's own code at position T - 1 (the state's last
+    digit), in its codebook and group, into the last slot of the top-k (steer.py's "one" mode)."""
+    new = {site: torch.full_like(c, -2) for site, c in like.items()}
+    P = like[next(iter(like))].shape[0] // len(states)  # rows per context
+    for i, st in enumerate(states.tolist()):
+        if st in state_codes:
+            site, g, code = state_codes[st]
+            new[site][i * P : (i + 1) * P, T - 1, g, -1] = code
+    return new
 
 
 # ---------------------------------------------------------------------------------------------- generation, ablation
@@ -330,17 +340,15 @@ def ablation(model, evaluate, **intervention):
 
 # ---------------------------------------------------------------------------------------------- main
 def task_fsm(cfg, model, fsm):
-    if cfg.context_states * fsm.digits + 1 + fsm.digits - 1 > model.config.block_size:
-        raise ConfigError(f"context_states={cfg.context_states} does not fit block_size={model.config.block_size}: "
-                          "lower it")
-    res = fsm_swap(model, fsm, cfg.pairs, cfg.context_states, cfg.patch, seed=cfg.seed)
-    print(f"FSM swap over {cfg.pairs} pairs (A, B) with disjoint successors; context of {cfg.context_states} "
-          f"state(s), patching the {cfg.patch} position(s)")
-    print(f"  {'patched sites':14s} {'success':>8s} {'to A':>7s} {'JSD/JSD0':>9s} {'1st digit':>10s}")
+    codes = state_codes(model, cfg.state_codes) if cfg.state_codes else None
+    res = fsm_swap(model, fsm, cfg.pairs, cfg.patch, seed=cfg.seed, state_codes=codes)
+    print(f"FSM swap over {cfg.pairs} pairs (A, B) with disjoint successors, patching the {cfg.patch} position(s); "
+          "JSD normalised, over next states and next tokens")
+    print(f"  {'patched sites':14s} {'success':>8s} {'to A':>7s} {'JSD state':>10s} {'JSD token':>10s} {'1st digit':>10s}")
     for name, r in res.items():
-        label = {"none": "none (A)", "B": "B itself"}.get(name, name)
-        print(f"  {label:14s} {100 * r['success']:7.1f}% {100 * r['stay']:6.1f}% {r['jsd']:9.3f} "
-              f"{100 * r['first_digit']:9.1f}%")
+        label = {"none": "none (A)", "B": "B itself", "code": "B's own code"}.get(name, name)
+        print(f"  {label:14s} {100 * r['success']:7.1f}% {100 * r['stay']:6.1f}% {r['jsd']:10.3f} "
+              f"{r['jsd_token']:10.3f} {100 * r['first_digit']:9.1f}%")
     return res
 
 

@@ -5,6 +5,7 @@ codes a model chooses on validation text, then steer generation towards the topi
     python topics.py --out_dir=out-tinystories                   # the paper's topics: find codes, then steer
     python topics.py --out_dir=out-tinystories --steer=false     # find the codes only
     python topics.py --out_dir=out-tinystories --topics=dragon,sea=ocean|sea --codes_per_topic=5
+    python topics.py --out_dir=out-tinystories --topics= --frequent=10   # the 10 most frequent nouns instead
 
 A topic is a regex (TOPICS, or NAME=REGEX), matched case-insensitively on the decoded text. Its codes are found
 two ways (Section 5.2): "context" codes fire near a match (within `window` tokens) more often than any other code,
@@ -12,6 +13,11 @@ ranked by precision among the codes that fire >= 10 times; "dense" codes fire on
 text, ranked by the fraction of their texts that match. Steering (Table 3): 4 prompts x `samples_per_prompt`
 samples of `max_new_tokens` tokens at temperature 1, without and with the topic's best `codes_per_topic` context
 codes forced (steer.py's "one" mode); success = the sample matches the topic's regex.
+
+The paper's topics are rare in a small training set. `--frequent=N` adds the N most frequent nouns of the model's
+own training text, chosen by counting alone: the words that most often follow a determiner (a, an, the, his, her,
+their, my, your, its, our), past the adjectives and set phrases of NOT_TOPICS ("the little cat" counts "cat"),
+plurals folded into their singular; each becomes the topic `\bword(s)?\b`.
 
 Outputs in save_dir (default <out_dir>/topics, replaced as a whole when complete): topic_codes.json
 ({topic: ["BOOK:CODE", ...]}, best first), concepts.json (both rankings with their numbers) and steering.json
@@ -21,6 +27,7 @@ Outputs in save_dir (default <out_dir>/topics, replaced as a whole when complete
 import json
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
@@ -35,6 +42,28 @@ from utils import (ConfigError, cli, is_device, is_out_dir, lm_batches, load_run
 TOPICS = {"dragon": "dragon", "slide": "slide", "friend": "friend", "flower": "flower", "fire": "fire",
           "baby": "baby", "princess": "prince|crown|king|castle"}  # the paper's topics (Table 3)
 PROMPTS = ["", "Once upon a time,", "Once there was a", "A long time ago,"]
+DETERMINERS = {"a", "an", "the", "his", "her", "their", "my", "your", "its", "our"}
+NOT_TOPICS = {"little", "big", "new", "old", "best", "small", "special", "other", "good", "time", "lot", "way", "end",
+              "same", "first", "next", "whole", "last", "only", "very", "most", "nice", "pretty", "happy", "beautiful",
+              "there", "it", "he", "she", "they", "was", "and", "to", "of", "in", "on", "that", "with", "so", "but"}
+
+
+def frequent_nouns(text, n=10):
+    """The n words of `text` that most often follow a determiner (past NOT_TOPICS), plurals folded in:
+    [(word, count)], most frequent first."""
+    words = re.findall(r"[a-z]+", text.lower())
+    after = Counter()
+    for i, d in enumerate(words[:-1]):
+        if d in DETERMINERS:
+            j = i + 1
+            while j < len(words) - 1 and words[j] in NOT_TOPICS:  # "the little cat": skip the adjectives
+                j += 1
+            if words[j] not in NOT_TOPICS | DETERMINERS:
+                after[words[j]] += 1
+    for w in list(after):
+        if w.endswith("s") and w[:-1] in after:
+            after[w[:-1]] += after.pop(w)
+    return after.most_common(n)
 
 
 def parse_topics(text):
@@ -61,6 +90,7 @@ class TopicsConfig:
     save_dir: Optional[str] = spec(None, check=is_out_dir)  # None = <out_dir>/topics
     dataset: Optional[str] = None  # a data/prepare.py directory; None = the checkpoint's
     topics: str = spec(",".join(TOPICS), check=parse_topics)  # names from TOPICS or NAME=REGEX, comma-separated
+    frequent: int = spec(0, ">= 0")  # also the N most frequent nouns of the training text (module docstring)
     topic_codes: str = ""  # a topic_codes.json to steer with instead of finding the codes
     max_tokens: int = spec(200_000, ">= 1")  # tokens of consecutive val windows to read codes on
     batch_size: int = spec(64, ">= 1")  # windows per forward (fewer when the logits would pass 256 MiB)
@@ -146,7 +176,7 @@ def find(cfg, ckpt, model, codec, topics):
     T, V = model.config.block_size, model.config.vocab_size
     val = load_tokens(cfg.dataset or ckpt["train_config"]["dataset"], T, V)[1]
     rows = max(1, min(cfg.batch_size, 2**26 // (T * V)))  # logits <= 256 MiB
-    col = collect_codes(model, lm_batches(val, T, cfg.max_tokens, rows), model.lm_head.weight.device)
+    col = collect_codes(model, [x for x, _ in lm_batches(val, T, cfg.max_tokens, rows)], model.lm_head.weight.device)
     col["books"], tok = model.books(), vocab_strings(codec)
     found = {}
     for name, regex in topics.items():
@@ -162,8 +192,16 @@ def main(argv):
     if ckpt["train_config"].get("dataset", "fsm") == "fsm" or not model.codebooks():
         raise ConfigError(f"{cfg.out_dir} is not a language model with codebooks: point out_dir at one "
                           "(analyze.py and steer.py read TokFSM runs)")
-    codec = load_tokenizer(cfg.dataset or ckpt["train_config"]["dataset"])[0]
+    data = cfg.dataset or ckpt["train_config"]["dataset"]
+    codec = load_tokenizer(data)[0]
     topics = parse_topics(cfg.topics)
+    if cfg.frequent:  # counted on the training text, before any steering
+        train = load_tokens(data, model.config.block_size, model.config.vocab_size)[0]
+        nouns = frequent_nouns(codec.decode(train.tolist()), cfg.frequent)
+        print("most frequent nouns of the training text: " + ", ".join(f"{w} ({c})" for w, c in nouns))
+        topics.update({w: rf"\b{w}s?\b" for w, _ in nouns})
+    if not topics:
+        raise ConfigError("no topics: pass --topics=NAMES or --frequent=N")
     if cfg.topic_codes:
         found = read_json(cfg.topic_codes, "topic codes", "write it again with topics.py")
         if not all(isinstance(c, list) and all(isinstance(x, str) for x in c) for c in found.values()):

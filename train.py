@@ -3,11 +3,10 @@ Train a GPT with codebook bottlenecks on TokFSM (Codebook Features, Section 4.1)
 dataset (Section 5: TinyStories from scratch, Pythia finetuned on WikiText-103).
 
     python train.py                                   # the embedded default: a laptop FSM run (~8 min, 2 CPU cores)
+    python train.py config/quick.py                   # the same in under 2 minutes (the workshop's)
     python train.py config/fsm.py                     # the paper's TokFSM run (a GPU)
-    python train.py config/fsm.py --k=8 --max_iters=100 --device=cpu
     python train.py --init_from=resume --out_dir=out --max_iters=4000   # continue a run exactly where it stopped
     torchrun --standalone --nproc_per_node=4 train.py config/fsm.py   # DDP: nccl on GPU, gloo on CPU
-    python data/prepare.py tinystories && python train.py config/tinystories.py      # language models
     python train.py config/wikitext.py --init_from=/path/to/pythia-410m              # finetune a local Pythia
 
 The recipe (codebook.py lists where it departs from the paper, each with the measurement behind it):
@@ -16,20 +15,16 @@ The recipe (codebook.py lists where it departs from the paper, each with the mea
 3. then network and codes train jointly on CE + recon_coef * reconstruction MSE (model.py), AdamW with warmup and
    cosine decay, the codes at their own learning rate `codebook_lr`; `replace_after` optionally re-seeds dead codes.
 
-Data: `dataset="fsm"` samples TokFSM walks; any other value is a directory written by data/prepare.py, read in
-random windows of block_size + 1 tokens, as nanoGPT. Either way the batch of (rank, iteration, micro-step) comes
-from its own seeded generator, so DDP ranks read different data and a resumed run replays the same batches.
-`init_from` is "scratch", "resume" or a local Pythia/GPT-NeoX directory (pythia.py).
-
-Configuration: TrainConfig below and GPTConfig (model.py) hold the defaults, each field with its valid values; a
-preset in config/ holds `config = dict(...)`; --key=value overrides both. `batch_size` is the global batch of one
-optimizer step, split across ranks and gradient-accumulation micro-steps. A resumed run continues in the out_dir
-it was read from and may change only the options in RESUMABLE.
-
-Output in out_dir, which one process owns at a time (out_dir/.lock): ckpt.pt (model, both configs, optimizer,
-RNG state, iteration; written atomically) and log.jsonl (one JSON object per log line and per evaluation). A run
-that replaces another (--overwrite=true) leaves the old one whole until its own first checkpoint. A non-finite
-loss or weight stops the run and keeps the last good checkpoint; nan_policy="skip" skips such steps instead.
+Data: TokFSM walks (`dataset="fsm"`) or a data/prepare.py directory read in random windows, as nanoGPT; the batch
+of (rank, iteration, micro-step) comes from its own seeded generator, so DDP ranks read different data and a
+resumed run replays the same batches. `init_from`: "scratch", "resume" or a local Pythia directory (pythia.py).
+Configuration: TrainConfig below and GPTConfig (model.py), each field with its valid values; presets in config/;
+--key=value overrides both. `batch_size` is the global batch of one optimizer step. A resumed run continues in the
+out_dir it was read from and may change only the options in RESUMABLE.
+Output in out_dir, which one process owns at a time: ckpt.pt (written atomically) and log.jsonl (one JSON object
+per log line and per evaluation). A run that replaces another (--overwrite=true) leaves it whole until its own
+first checkpoint. A non-finite loss or weight stops the run and keeps the last good checkpoint (nan_policy="skip"
+skips such steps instead).
 """
 
 import glob
@@ -187,11 +182,13 @@ def evaluate(run, it):
         m = evaluate_fsm(run.raw_model, run.fsm, run.eval_x, run.eval_y, run.cfg.eval_samples, run.cfg.seed,
                          run.autocast)
         print(f"eval {it}: loss {m['loss']:.4f}, acc {m['acc']:.4f}, valid-transition {m['valid']:.4f}, "
-              f"first {m['first']:.4f}, valid mass {m['valid_mass']:.4f}, dead codes {m['dead_pct']:.1f}%")
+              f"first {m['first']:.4f}, valid mass {m['valid_mass']:.4f}, dead codes {m['dead_pct']:.1f}%, "
+              f"FVU {m['fvu']:.3f}, loss recovered {m['recovered']:.3f}")
     else:
         m = evaluate_lm(run.raw_model, run.val_data, run.eval_ix, run.micro, run.autocast)
         print(f"eval {it}: loss {m['loss']:.4f}, acc {m['acc']:.4f}, ppl {m['ppl']:.2f}, dloss {m['dloss']:+.4f} "
-              f"(without codebooks {m['loss_nocb']:.4f}), dead codes {m['dead_pct']:.1f}%")
+              f"(without codebooks {m['loss_nocb']:.4f}), dead codes {m['dead_pct']:.1f}%, FVU {m['fvu']:.3f}, "
+              f"loss recovered {m['recovered']:.3f}")
     run.log.write({"iter": it, "eval": m, "elapsed_s": run.train_time})
     return m
 

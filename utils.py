@@ -573,11 +573,11 @@ def token_windows(data, ix, block_size):
 
 
 def lm_batches(val, block_size, max_tokens, batch_size):
-    """Consecutive, non-overlapping val windows, up to max_tokens tokens, as a generator of batches."""
+    """Consecutive, non-overlapping windows of the token array val, up to max_tokens tokens, as a list of
+    (x, y) batches (batch_size, block_size)."""
     n = min((len(val) - 1) // block_size, max(1, max_tokens // block_size))
     ix = torch.arange(n) * block_size
-    for s in range(0, n, batch_size):
-        yield token_windows(val, ix[s : s + batch_size], block_size)[0]
+    return [token_windows(val, ix[s : s + batch_size], block_size) for s in range(0, n, batch_size)]
 
 
 # ---------------------------------------------------------------------------------------------- tokenizers

@@ -19,6 +19,7 @@ from conftest import GPT2_FILE, ROOT, write_gpt2_dataset, write_tokens
 
 import analyze
 import bench
+import sae
 import sample
 import steer
 import topics
@@ -100,6 +101,7 @@ def files(w):
         "bad_codes.json": '{"dragon": [3, 4]}\n',
         "other_model.json": '{"dragon": ["h.5.mlp:1"]}\n',
         "notes.txt": "iter 2: loss 2.39\n",
+        "fsm_other.json": '{"mlp": {"per_state": [{"state": 0, "book": "h.7.mlp", "code": 1}]}}\n',
         "afile": "a file where a directory belongs\n",
     }
     for name, t in text.items():
@@ -378,8 +380,6 @@ STEER = [
     ("zero samples", [*ST, "--task=generate", "--num_samples=0"], ["num_samples=0", ">= 1"]),
     ("zero new tokens", [*ST, "--task=generate", "--max_new_tokens=0"], ["max_new_tokens=0", ">= 1"]),
     ("negative temperature", [*ST, "--task=generate", "--temperature=-0.5"], ["temperature=-0.5", ">= 0"]),
-    ("zero context states", [*ST, "--context_states=0"], ["context_states=0", ">= 1"]),
-    ("context longer than the block", [*ST, "--context_states=99"], ["context_states=99", "block_size=16"]),
     ("unknown codebook", [*ST, "--task=generate", "--force=h.9.mlp:1"], ["no codebook 'h.9.mlp'", "h.0.mlp"]),
     ("code out of range", [*ST, "--task=generate", "--force=h.0.mlp:32"], ["no code '32' at h.0.mlp", "0-31"]),
     ("head not named", [*ST, "--task=generate", "--ablate=h.0.attn_heads:5"], ["has 2 heads"]),
@@ -389,6 +389,11 @@ STEER = [
     ("ablate without codes", [*ST, "--task=ablate"], ["--ablate=BOOK:CODE"]),
     ("the swap on a language model", ["--out_dir={lm_run}", "--device=cpu"], ["language model", "--task=fsm"]),
     ("save into a file-shaped directory", [*ST, "--pairs=2", "--save={afile}/out.json"], ["afile", "is a file"]),
+    ("state codes file missing", [*ST, "--pairs=2", "--state_codes={w}/nope.json"], ["nope.json", "not found"]),
+    ("state codes file torn", [*ST, "--pairs=2", "--state_codes={torn_json}"], ["torn.json", "not valid JSON"]),
+    ("state codes without MLP codes", [*ST, "--pairs=2", "--state_codes={list_json}"], ["list.json", "not a dict"]),
+    ("state codes of another model", [*ST, "--pairs=2", "--state_codes={fsm_other_json}"],
+     ["fsm_other.json", "this model's codebooks"]),
     ("CUDA device on a machine without one", [*ST, "--device=cuda"], ["device='cuda'", "cpu"]),
     ("truncated checkpoint", ["--out_dir={truncated}"], ["ckpt.pt", "truncated"]),
     ("a run without codebooks", ["--out_dir={nocb}"], ["no codebooks"]),
@@ -415,6 +420,8 @@ TOPICS = [
     ("topic codes of another model", [*TP, "--topic_codes={other_model_json}"], ["no codebook 'h.5.mlp'"]),
     ("zero samples", [*TP, "--samples_per_prompt=0"], ["samples_per_prompt=0", ">= 1"]),
     ("zero codes per topic", [*TP, "--codes_per_topic=0"], ["codes_per_topic=0", ">= 1"]),
+    ("negative frequent", [*TP, "--frequent=-1"], ["frequent=-1", ">= 0"]),
+    ("no topics at all", [*TP, "--topics="], ["no topics", "--frequent=N"]),
     ("save_dir that is a file", [*TP, "--save_dir={afile}"], ["afile", "is a file"]),
 ]
 
@@ -422,6 +429,28 @@ TOPICS = [
 @cases(TOPICS)
 def test_topics(args, needles, world, tmp_path, capsys):
     check(topics.main, args, needles, world, tmp_path, capsys)
+
+
+# ---------------------------------------------------------------------------------------------- sae.py
+SA = ["--out_dir={nocb}", "--steps=1", "--num_latents=8", "--num_seqs=8", "--pairs=2", "--device=cpu"]
+SAE = [
+    ("unknown config key", [*SA, "--nope=1"], ["'nope'", "SAEConfig"]),
+    ("k zero", [*SA, "--k=0"], ["k=0", ">= 1"]),
+    ("k above the latents", [*SA, "--k=9"], ["k=9", "<= 8"]),
+    ("zero latents", [*SA, "--num_latents=0"], ["num_latents=0", ">= 1"]),
+    ("zero learning rate", [*SA, "--lr=0"], ["lr=0.0", "> 0"]),
+    ("negative AuxK coefficient", [*SA, "--aux_coef=-1"], ["aux_coef=-1.0", ">= 0"]),
+    ("unknown site", [*SA, "--sites=resid"], ["'resid'", "mlp"]),
+    ("a run with codebooks", [*SA[1:], "--out_dir={run}"], ["without codebooks", "--codebook_sites="]),
+    ("a language model", [*SA[1:], "--out_dir={lm_run}"], ["TokFSM run"]),
+    ("out_dir without a checkpoint", ["--out_dir={empty_dir}"], ["no checkpoint"]),
+    ("save_dir that is a file", [*SA, "--save_dir={afile}"], ["afile", "is a file"]),
+]
+
+
+@cases(SAE)
+def test_sae(args, needles, world, tmp_path, capsys):
+    check(sae.main, args, needles, world, tmp_path, capsys)
 
 
 # ---------------------------------------------------------------------------------------------- bench.py
@@ -471,7 +500,7 @@ def test_prepare(args, needles, world, tmp_path, capsys):
 
 
 ALL = {"train.py": TRAIN, "sample.py": SAMPLE, "analyze.py": ANALYZE, "steer.py": STEER, "topics.py": TOPICS,
-       "bench.py": BENCH, "data/prepare.py": PREPARE}
+       "sae.py": SAE, "bench.py": BENCH, "data/prepare.py": PREPARE}
 
 
 def test_readme_states_the_number_of_cases():

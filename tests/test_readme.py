@@ -1,7 +1,8 @@
 """Every command in the README's code blocks, so that a documented command cannot rot: each is parsed against its
 script's configs (keys, types, ranges, presets, paths), and every one that runs offline on a CPU is run, in README
 order, in a copy of the repository (with ../shared beside it), with settings appended that make it tiny. Blocks
-whose first line is a comment naming the network or a GPU, torchrun commands and CUDA devices are parsed only."""
+whose first line is a comment naming the network, a GPU or scripts/fsm_table.py (whose runs they read), torchrun
+commands and CUDA devices are parsed only."""
 
 import os
 import re
@@ -15,6 +16,7 @@ from conftest import ROOT
 
 import analyze
 import bench
+import sae
 import sample
 import steer
 import topics
@@ -27,7 +29,7 @@ SHARED = os.path.join(ROOT, "..", "shared")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "HF_HUB_OFFLINE": "1"}
 CONFIGS = {"train.py": (train.TrainConfig, GPTConfig), "sample.py": (sample.SampleConfig,),
            "analyze.py": (analyze.AnalyzeConfig,), "steer.py": (steer.SteerConfig,),
-           "topics.py": (topics.TopicsConfig,), "bench.py": (bench.BenchConfig,)}
+           "topics.py": (topics.TopicsConfig,), "sae.py": (sae.SAEConfig,), "bench.py": (bench.BenchConfig,)}
 # appended to a command that runs, so that it is quick: the last value of a flag wins
 TINY = {
     "train.py": ["--n_layer=2", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=4",
@@ -40,6 +42,7 @@ TINY = {
     "analyze.py": ["--num_seqs=32", "--max_tokens=2000"],
     "steer.py": ["--pairs=10", "--eval_seqs=16", "--num_samples=2"],
     "topics.py": ["--max_tokens=2000", "--samples_per_prompt=1", "--max_new_tokens=4"],
+    "sae.py": ["--steps=5", "--num_latents=16", "--num_seqs=32", "--pairs=10"],
     "bench.py": ["--repeats=1", "--mem=false", "--only=generate"],  # tests/test_bench.py runs every part, shrunk
     "scripts/random_pythia.py": ["--size=tiny"],
 }
@@ -51,7 +54,7 @@ def readme_commands():
     out = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         lines = block.replace("\\\n", " ").splitlines()
-        runs = not (lines and lines[0].startswith("#") and re.search(r"network|GPU", lines[0]))
+        runs = not (lines and lines[0].startswith("#") and re.search(r"network|GPU|fsm_table", lines[0]))
         for line in lines:
             for cmd in line.split("&&"):
                 words = shlex.split(cmd, comments=True)
@@ -140,7 +143,7 @@ def test_readme_commands_run(tmp_path):
             continue
         seen.add(tuple(words))
         script, args = script_and_args(words)
-        if script == "scripts/fault_trials.py":  # tests/test_reliability.py runs it
+        if script in ("scripts/fault_trials.py", "scripts/fsm_table.py"):  # long; test_reliability runs the first
             continue
         cmd = [sys.executable, script, *tiny(script, args)]
         r = subprocess.run(cmd, cwd=repo, env=ENV, capture_output=True, text=True, timeout=600)

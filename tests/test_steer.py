@@ -131,11 +131,65 @@ def test_next_state_dist_is_exact():
     fsm = TokFSM(num_states=100, num_edges=10)
     model = tiny(k=1)
     ctx = torch.tensor([[10, 4, 2], [10, 9, 9]])
-    p = steer.next_state_dist(model, fsm, ctx)
+    p, tok = steer.next_state_dist(model, fsm, ctx)
     assert p.shape == (2, 101) and torch.allclose(p.sum(1), torch.ones(2))
     logits, _, _ = model(torch.tensor([[10, 4, 2, 3]]))  # p(state 37 | context 42) by hand
     lp = logits[0].log_softmax(-1)
     assert p[0, 37].item() == pytest.approx((lp[2, 3] + lp[3, 7]).exp().item(), rel=1e-5)
+    assert torch.allclose(tok[0], lp[2].exp(), atol=1e-6)  # the next-token distribution after "42"
+
+
+def hand_jsd(p, q):
+    """Jensen-Shannon divergence in nats of two distributions (lists), by its definition."""
+    import math
+
+    m = [(a + b) / 2 for a, b in zip(p, q)]
+    kl = lambda x, y: sum(a * math.log(a / b) for a, b in zip(x, y) if a > 0)  # noqa: E731
+    return kl(p, m) / 2 + kl(q, m) / 2
+
+
+def test_next_token_jsd_equals_a_hand_computation(fsm_run):
+    """The paper's metric on one pair: B's codes written into A's state positions at every codebook; the next-token
+    JSD to B, over the JSD of A to B, computed here from three plain forwards."""
+    out, model, fsm = fsm_run
+    A, B, ctx_a, ctx_b = steer.swap_pairs(fsm, 1, seed=3)
+    res = steer.fsm_swap(model, fsm, pairs=1, patch="state", seed=3)
+    codes_b = {}
+    model(ctx_b)
+    for name, cb in model.codebooks():
+        codes_b[name] = cb.last_indices.clone()  # (1, T, G, k), every position is a state position or BOS
+    def dist(x, patch=False):
+        for name, cb in model.codebooks():
+            if patch:  # positions 1.. hold the state (1 digit): take B's codes there
+                keep = codes_b[name].flatten(0, 1)
+                cb.hook = lambda idx, keep=keep: torch.cat([idx[:1], keep[1:]])
+        logits, _, _ = model(x)
+        for _, cb in model.codebooks():
+            cb.hook = None
+        return logits[0, -1].softmax(-1).tolist()
+    p_a, p_b, p_x = dist(ctx_a), dist(ctx_b), dist(ctx_a, patch=True)
+    assert res["all"]["jsd_token"] == pytest.approx(hand_jsd(p_x, p_b) / hand_jsd(p_a, p_b), rel=1e-4, abs=1e-6)
+    assert res["none"]["jsd_token"] == pytest.approx(1.0) and res["B"]["jsd_token"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_single_code_steering_forces_bs_own_code(fsm_run):
+    """With each state's own code given, the "code" run forces B's code in its MLP codebook at the state's
+    last position, and only there; a code that is B's own moves the next state towards B's successors."""
+    out, model, fsm = fsm_run
+    x = fsm.eval_set(512, 16)[0]
+    model(x)
+    codes = dict(model.codebooks())["h.0.mlp"].last_indices[:, 1:, 0, 0]  # (512, 15) at the state positions
+    states = x[:, 1:]  # one digit per state
+    own = {s: ("h.0.mlp", 0, int(torch.bincount(codes[states == s]).argmax())) for s in range(10)}
+    res = steer.fsm_swap(model, fsm, pairs=60, patch="state", seed=0, state_codes=own)
+    assert {"code", "all", "none", "B"} <= set(res)
+    assert res["code"]["success"] > res["none"]["success"] + 0.3 and res["code"]["jsd_token"] < 0.7
+    A, B, ctx_a, _ = steer.swap_pairs(fsm, 4, seed=0)
+    _, _, codes_b = steer.next_state_dist(model, fsm, ctx_a, return_codes=True)
+    new = steer.own_code(model, B, own, codes_b, ctx_a.shape[1])
+    written = new["h.0.mlp"] != -2
+    assert written.sum() == 4 and (written.nonzero()[:, 1] == ctx_a.shape[1] - 1).all()
+    assert (new["h.0.attn_heads"] == -2).all()
 
 
 def test_jsd():
@@ -187,14 +241,3 @@ def test_unknown_code_is_a_one_line_error_on_the_command_line(fsm_run):
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: no codebook 'h.3.mlp'"), r.stderr
-
-
-
-
-def test_walks_ending_in_are_walks_of_the_fsm():
-    fsm = TokFSM(num_states=30, num_edges=2, seed=5)
-    ok = steer.has_past(fsm)
-    ends = ok.nonzero().flatten()
-    w = steer.walks_ending_in(fsm, ends, 6, torch.Generator().manual_seed(0))
-    assert torch.equal(w[:, -1], ends) and fsm.is_edge(w[:, :-1], w[:, 1:]).all()
-    assert ok[w].all()

@@ -37,6 +37,13 @@ def test_dense_codes():
     assert topics.dense_codes(codes, 3).tolist() == [[True, False, False], [False, False, False]]
 
 
+def test_frequent_nouns_counts_words_after_determiners():
+    text = ("The dog saw a cat. The dogs ran to the park with a big ball. Her dog and his ball. "
+            "Once upon a time, the little cat sat.")
+    # dogs -> dog; "a big ball", "the little cat": past the adjectives; "a time": a set phrase, left out
+    assert topics.frequent_nouns(text, 3) == [("dog", 3), ("cat", 2), ("ball", 2)]
+
+
 def test_parse_topics():
     assert topics.parse_topics("princess,sea=ocean|sea") == {"princess": "prince|crown|king|castle", "sea": "ocean|sea"}
     with pytest.raises(topics.ConfigError, match="unknown topic 'sea'"):

@@ -1,0 +1,104 @@
+"""Regenerate the README's TokFSM results table: train its rows one after another and print the Markdown table
+(loss, next-token accuracy, valid- and first-transition accuracy, valid-successor mass, dead codes, FVU, CE loss
+recovered, wall time) and the machine it ran on.
+
+    python scripts/fsm_table.py                         # every row, ~40 minutes on 2 CPU cores
+    python scripts/fsm_table.py --rows=quick,k1         # some rows
+    python scripts/fsm_table.py --out=out-table --threads=2
+
+Each row is `python train.py <overrides> --out_dir=<out>/<row>`, timed as a whole process (evaluations included).
+A row whose directory already holds a finished run is read from its log instead of trained again (its wall time
+is then the one recorded in the log, marked *); delete the directory to train it again. The runs stay in --out
+for analyze.py, steer.py and sae.py (sae.py reads the no-codebook row).
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROWS = {  # name: (label, overrides of `python train.py`)
+    "nocb": ("no codebooks", ["--codebook_sites="]),
+    "k1": ("**k=1 (default)**, every head + every MLP", []),
+    "quick": ("k=1 quick (`config/quick.py`)", ["config/quick.py"]),
+    "k4": ("k=4, every head + every MLP", ["--k=4"]),
+}
+
+
+def machine(threads):
+    """A line naming the CPU, cores, torch and threads."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} thread(s)"
+
+
+def last_eval(out):
+    """The final evaluation of the finished run in out (its checkpoint at max_iters), or None."""
+    sys.path.insert(0, ROOT)
+    from utils import ConfigError, load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
+        evals = [json.loads(line) for line in open(os.path.join(out, "log.jsonl")) if '"eval"' in line]
+    except (ConfigError, OSError, ValueError):
+        return None
+    done = ckpt["iter_num"] == ckpt["train_config"]["max_iters"] and evals and evals[-1]["iter"] == ckpt["iter_num"]
+    return evals[-1] if done else None
+
+
+def run_row(name, args, out, threads):
+    """Train one row (unless its directory holds the finished run); returns (final eval, wall seconds, reused)."""
+    path = os.path.join(out, name)
+    last = last_eval(path)
+    if last is not None:
+        return last["eval"], last["elapsed_s"], True
+    cmd = [sys.executable, "train.py", *args, f"--out_dir={path}", "--overwrite=true"]
+    print("$ " + " ".join(cmd[1:]), flush=True)
+    t0 = time.time()
+    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if r.returncode != 0:
+        sys.exit(f"error: the row {name!r} failed (exit status {r.returncode}); see its output above")
+    return last_eval(path)["eval"], time.time() - t0, False
+
+
+def table(results, threads):
+    head = ("| model | overrides | loss | next-token acc | valid-transition | first-transition | valid-successor mass "
+            "| dead codes | FVU | loss recovered | wall time |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for name, (m, wall, reused) in results.items():
+        label, args = ROWS[name]
+        codes = [f"{m[key]:{fmt}}" if name != "nocb" and key in m else "–"
+                 for key, fmt in (("dead_pct", ".1f"), ("fvu", ".3f"), ("recovered", ".3f"))]
+        codes[0] += " %" if codes[0] != "–" else ""
+        overrides = " ".join(f"`{a}`" for a in args) or "none"
+        lines.append(f"| {label} | {overrides} | {m['loss']:.3f} | {100 * m['acc']:.2f} % | {100 * m['valid']:.1f} % | "
+                     f"{100 * m['first']:.1f} % | {m['valid_mass']:.3f} | {codes[0]} | {codes[1]} | {codes[2]} | "
+                     f"{wall / 60:.1f} min{'*' if reused else ''} |")
+    return "\n".join(lines) + f"\n\nMachine: {machine(threads)}."
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
+    p.add_argument("--out", default="out-table", help="directory of the runs, one subdirectory per row")
+    p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each training process")
+    args = p.parse_args()
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    bad = [r for r in rows if r not in ROWS]
+    if bad or args.threads < 1:
+        sys.exit(f"error: unknown row(s) {bad} or --threads < 1: rows are {', '.join(ROWS)}")
+    results = {name: run_row(name, ROWS[name][1], args.out, args.threads) for name in rows}
+    print(table(results, args.threads))
+
+
+if __name__ == "__main__":
+    main()

@@ -15,9 +15,9 @@ place of the lowest-scoring active code (the last slot of the top-k; as the pape
 already; "all" makes the forced codes the only active ones. Removal (ablate_to): "next" bans the code before the
 top-k, so the next best takes its place; "zero" drops it (its slot adds nothing).
 
-The FSM swap (paper Fig. 4). Pick random pairs (A, B) of states with disjoint successor sets. Build a context
-that ends in A (BOS and A's digits, as the authors' protocol) and one that ends in B, and read
-the next state from each: the context followed by every prefix of the next state's digits. At the sites of a
+The FSM swap (paper Fig. 4). Pick random pairs (A, B) of states with disjoint successor sets. Build a context that
+ends in A (BOS and A's digits, as the authors' protocol) and one that ends in B, and read the next state from each:
+the context followed by every prefix of the next state's digits. At the sites of a
 site group and at the patched positions, the A run's codes are replaced by those the B run chose there:
     patch="last"        the last token of the context;
     patch="state"       the D tokens of the final state;

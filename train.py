@@ -284,8 +284,7 @@ def configure(argv, world):
         stored = {**ckpt["train_config"], "out_dir": out_dir, "init_from": "resume", "overwrite": False}
         tvals = resume_config(stored, tvals, RESUMABLE, out_dir)
         mvals = resume_config(ckpt["model_config"], mvals, (), out_dir)
-        n, c0 = ckpt["iter_num"], ckpt["train_config"].get("codebook_start", 0)
-        c1 = tvals["codebook_start"]
+        n, c0, c1 = ckpt["iter_num"], ckpt["train_config"].get("codebook_start", 0), tvals["codebook_start"]
         if c1 != c0 and (n >= c0 or n > c1):  # the switch (and its k-means) must still lie ahead
             raise ConfigError(f"--codebook_start={c1}: the checkpoint (iteration {n}, codebook_start={c0}) "
                               f"{'has its codebooks on already' if n >= c0 else f'can switch them on at >= {n}'}: "

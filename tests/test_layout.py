@@ -1,0 +1,41 @@
+"""The shape the project promises a reader: six concept files of a few hundred lines, short functions, train.py a
+leaf that no other entry point imports."""
+
+import ast
+import glob
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONCEPTS = ["fsm.py", "codebook.py", "model.py", "train.py", "steer.py", "analyze.py"]
+OWN = sorted(set(glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "scripts", "*.py"))
+                 + glob.glob(os.path.join(ROOT, "data", "*.py")) + glob.glob(os.path.join(ROOT, "config", "*.py"))))
+
+
+def lines(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
+def test_concept_files_are_short():
+    n = {name: len(lines(os.path.join(ROOT, name))) for name in CONCEPTS}
+    assert sum(n.values()) <= 2000 and max(n.values()) <= 450, n
+
+
+def test_no_function_over_80_lines():
+    long = []
+    for path in OWN:
+        for node in ast.walk(ast.parse("\n".join(lines(path)))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long.append(f"{os.path.relpath(path, ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long
+
+
+def test_no_entry_point_imports_train():
+    importers = []
+    for path in OWN:
+        for node in ast.walk(ast.parse("\n".join(lines(path)))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) else []
+            if "train" in names:
+                importers.append(os.path.relpath(path, ROOT))
+    assert not importers, importers

@@ -34,14 +34,18 @@ class ConfigError(ValueError):
 
 def cli(main, argv=None):
     """Run main(argv or sys.argv[1:]). A ConfigError, a non-finite loss (FloatingPointError) or an OS error ends
-    the process with one `error: ...` line; under torchrun only the first rank of each node prints it."""
+    the process with one `error: ...` line. Under torchrun the other ranks of a node wait 5 s before saying it:
+    when every rank fails alike, torchrun stops them once the first rank has exited, so the error is said once;
+    an error of their own (the first rank still running) is still said."""
     try:
         return main(sys.argv[1:] if argv is None else argv)
     except (ConfigError, FloatingPointError) as e:
         msg = f"error: {e}"
     except OSError as e:  # a full disk, a file that vanished: say which file and why
         msg = f"error: {e.filename or 'a file'}: {e.strerror or e}: check the path and free space"
-    sys.exit(msg if int(os.environ.get("LOCAL_RANK", 0)) == 0 else 1)
+    if int(os.environ.get("LOCAL_RANK", 0)) != 0:
+        time.sleep(5)
+    sys.exit(msg)
 
 
 # ---------------------------------------------------------------------------------------------- config fields

@@ -44,9 +44,9 @@ from codebook import sync_counts
 from evaluate import evaluate_fsm, evaluate_lm
 from fsm import TokFSM
 from model import GPT, GPTConfig
-from utils import (AllFinite, ConfigError, DirLock, RunLog, autocast_for, build, cli, device_of, is_device, is_out_dir,
-                   load_checkpoint, load_state, load_tokens, parse_args, resume_config, save_checkpoint, spec,
-                   split_config, token_windows, validate)
+from utils import (AllFinite, ConfigError, DirLock, RunLog, autocast_for, build, cli, device_of, end_process_group,
+                   is_device, is_out_dir, load_checkpoint, load_state, load_tokens, parse_args, resume_config,
+                   save_checkpoint, spec, split_config, token_windows, validate)
 
 
 @dataclass
@@ -204,11 +204,12 @@ def checkpoint(run, it):
 
 # ---------------------------------------------------------------------------------------------- the loop
 def main(argv):
-    run = setup(argv)
+    run, ok = setup(argv), False
     try:
         train(run)
+        ok = True
     finally:
-        close(run)
+        close(run, failed=not ok)
 
 
 def train(run):
@@ -391,15 +392,14 @@ def build_model(run, gcfg, ckpt):
     run.model = torch.compile(model) if cfg.compile else model
 
 
-def close(run):
-    """Close the log, end the process group (after a barrier: without it gloo can abort at exit), free out_dir."""
+def close(run, failed=True):
+    """Close the log, free out_dir, then leave the process group (utils.end_process_group)."""
     if run.log is not None:
         run.log.close()
-    if run.ddp and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
     if run.lock is not None:
         run.lock.release()
+    if run.ddp and dist.is_initialized():
+        end_process_group(failed=failed)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 import typing
 from collections import namedtuple
@@ -461,6 +462,23 @@ def _record(line):
         return r if isinstance(r, dict) and isinstance(r.get("iter"), int) else None
     except ValueError:
         return None
+
+
+def end_process_group(timeout_s=60.0, failed=False):
+    """Leave torch.distributed: a barrier, then destroy_process_group (without the barrier gloo can abort at exit).
+    Both can hang, rarely, once the work is done (pytorch/pytorch#75097); after `timeout_s` seconds the process
+    exits (status 1 if `failed`, else 0) with a warning, its outputs being complete already."""
+    done = threading.Event()
+
+    def watchdog():
+        if not done.wait(timeout_s):
+            print(f"warning: torch.distributed did not shut down within {timeout_s:g} s; exiting without it "
+                  "(every output was written before)", file=sys.stderr, flush=True)
+            os._exit(1 if failed else 0)
+    threading.Thread(target=watchdog, daemon=True).start()
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    done.set()
 
 
 class AllFinite:

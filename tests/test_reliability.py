@@ -389,3 +389,27 @@ def test_analysis_is_written_whole_or_not_at_all(tmp_path, fx, monkeypatch):
         analyze.main([f"--out_dir={out}", "--num_seqs=32", "--device=cpu"])
     assert {p.name: p.read_bytes() for p in (out / "analysis").iterdir()} == before
     assert sorted(p.name for p in out.iterdir()) == ["analysis", "ckpt.pt", "log.jsonl"]
+
+
+HANGING_SHUTDOWN = """
+import sys, time
+import torch.distributed as dist
+sys.path.insert(0, {root!r})
+from utils import end_process_group
+dist.init_process_group("gloo", init_method="file://" + {store!r}, rank=0, world_size=1)
+dist.destroy_process_group = lambda: time.sleep(120)  # the rare hang of a real shutdown
+print("work done", flush=True)
+end_process_group(timeout_s=1, failed={failed})
+print("not reached")
+"""
+
+
+@pytest.mark.parametrize("failed", [False, True])
+def test_a_hanging_process_group_shutdown_ends_the_process(tmp_path, failed):
+    """destroy_process_group can hang after the work is done: the watchdog ends the process after timeout_s, with
+    the run's own status and a warning, instead of leaving it (and torchrun) waiting forever."""
+    script = HANGING_SHUTDOWN.format(root=ROOT, store=str(tmp_path / "store"), failed=failed)
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-c", script], env=env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == (1 if failed else 0) and time.time() - t0 < 30, r.stderr[-2000:]
+    assert r.stdout == "work done\n" and "did not shut down within 1 s" in r.stderr

@@ -466,8 +466,8 @@ def _record(line):
 
 def end_process_group(timeout_s=60.0, failed=False):
     """Leave torch.distributed: a barrier, then destroy_process_group (without the barrier gloo can abort at exit).
-    Both can hang, rarely, once the work is done (pytorch/pytorch#75097); after `timeout_s` seconds the process
-    exits (status 1 if `failed`, else 0) with a warning, its outputs being complete already."""
+    Both can hang, rarely, once the work is done (a known torch problem, seen here with gloo); after `timeout_s`
+    seconds the process exits (status 1 if `failed`, else 0) with a warning, its outputs being complete already."""
     done = threading.Event()
 
     def watchdog():

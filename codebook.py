@@ -39,8 +39,9 @@ learned"; 1,000 sampled sequences, single seed):
     python codebook.py        # a tiny demo: fit codes to clustered data and print usage
 
 Everything the layer counts lives in registered buffers, so it is saved, loaded and moved with the
-module. Statistics are DDP-safe: `sync_counts` all-reduces counts; k-means and dead-code replacement are
-computed on rank 0 and broadcast.
+module. Statistics are computed in fp32 whatever the autocast, and are DDP-safe: `sync_counts` all-reduces counts;
+k-means gathers every rank's activations (up to KMEANS_MAX_TOKENS) and, like dead-code replacement, is computed on
+rank 0 and broadcast.
 """
 
 import torch
@@ -61,6 +62,40 @@ def _rank0_broadcast(t):
     """Make every rank hold rank 0's values of t (a no-op without torch.distributed)."""
     if _distributed():
         dist.broadcast(t, src=0)
+
+
+# k-means reads at most this many activations (over all ranks): 64k rows of d=1024 floats are 256 MiB per group
+KMEANS_MAX_TOKENS = 65_536
+
+
+def _gather_rows(a, max_tokens):
+    """a (N, ...) -> the rows of every rank, (world * n, ...), each rank sending n = min(N, max_tokens // world)
+    rows drawn at random (the same n on every rank). Without torch.distributed: a, or max_tokens rows of it."""
+    world = dist.get_world_size() if _distributed() else 1
+    n = torch.tensor([min(a.shape[0], max(1, max_tokens // world))], device=a.device)
+    if world > 1:
+        dist.all_reduce(n, op=dist.ReduceOp.MIN)
+    n = int(n)
+    if n < a.shape[0]:
+        a = a[torch.randperm(a.shape[0], device=a.device)[:n]]
+    if world == 1:
+        return a
+    parts = [torch.empty_like(a) for _ in range(world)]
+    dist.all_gather(parts, a.contiguous())
+    return torch.cat(parts)
+
+
+def _distinct_rows(x, m):
+    """m starting codes from x (N, d): rows of distinct directions in random order; with fewer than m distinct
+    ones, drawn with replacement and jittered by 1 % of their scale. Returns (m, d)."""
+    _, inverse = torch.unique(F.normalize(x, dim=-1), dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), x.shape[0], device=x.device)  # first row of each direction
+    first = first.scatter_reduce(0, inverse, torch.arange(x.shape[0], device=x.device), "amin")
+    rows = x[first]  # (U, d)
+    if len(rows) >= m:
+        return rows[torch.randperm(len(rows), device=x.device)[:m]]
+    init = rows[torch.randint(len(rows), (m,), device=x.device)]
+    return init + 0.01 * (x.std() + x.abs().mean() + 1e-6) * torch.randn_like(init)
 
 
 class CodebookLayer(nn.Module):
@@ -168,7 +203,7 @@ class CodebookLayer(nn.Module):
             self.recon_loss = self.last_indices = None
             return a.view(x.shape)
         if self.training and self.kmeans_pending:
-            self.kmeans_init(a.detach())
+            self.kmeans_init(a)
         idx = self.topk_codes(a)  # (N, G, k)
         if self.hook is not None:
             idx = self.hook(idx)
@@ -177,7 +212,7 @@ class CodebookLayer(nn.Module):
         out = q + (a - a.detach())  # straight-through: forward value q, gradient identity to a
         self.last_indices = idx.view(*x.shape[:-1], G, idx.shape[-1])
         if self.training:
-            self._last_a = a.detach()
+            self._last_a = a.detach().float()  # statistics in fp32 whatever the autocast
             with torch.no_grad():  # usage counts; -1 (removed by a hook) adds 0 to row 0
                 self.pending.view(-1).index_add_(0, self.flat_indices(idx).flatten(), (idx >= 0).long().flatten())
         return out.view(x.shape)
@@ -194,28 +229,30 @@ class CodebookLayer(nn.Module):
         self.kmeans_pending, self.kmeans_iters = True, iters
 
     @torch.no_grad()
-    def kmeans_init(self, a):
-        """Spherical (cosine) k-means of a (N, G, d) into the codes, computed on rank 0 and broadcast.
+    def kmeans_init(self, a, max_tokens=None):
+        """Spherical (cosine) k-means of a (N, G, d) into the codes, in fp32 whatever the autocast.
 
-        Centroids are means of their members, divided by k: the output sums k codes, so k codes near an
-        activation then add up to its scale (cosine scores ignore the factor). With fewer tokens than
-        codes, points are drawn with replacement and jittered.
+        Under torch.distributed every rank's activations are gathered (each rank sends at most
+        max_tokens // world rows, drawn at random; max_tokens defaults to KMEANS_MAX_TOKENS), rank 0 computes and
+        broadcasts. Starting codes are distinct activations (distinct directions: two identical rows, such as the
+        BOS position of every sequence, would tie in every argmax and one of them would never win a token); with
+        fewer distinct rows than codes they are drawn with replacement and jittered. Centroids are means of their
+        members, divided by k: the output sums k codes, so k codes near an activation then add up to its scale
+        (cosine scores ignore the factor).
         """
         self.kmeans_pending = False
+        with torch.autocast(a.device.type, enabled=False):  # scores and means in fp32, not the autocast dtype
+            self._kmeans(_gather_rows(a.detach().float(), max_tokens or KMEANS_MAX_TOKENS))  # (N, G, d), every rank
+
+    def _kmeans(self, a):
+        """Cosine k-means of a (N, G, d), fp32, into the codes: computed on rank 0 and broadcast."""
         N, G, d = a.shape
         codes = self.codes.data
         if _is_rank0():
-            if N >= self.num_codes:  # distinct points: a duplicate centroid would never win a point
-                pick = torch.rand(G, N, device=a.device).argsort(dim=1)[:, : self.num_codes]
-            else:
-                pick = torch.randint(N, (G, self.num_codes), device=a.device)
-            init = a.transpose(0, 1).gather(1, pick.unsqueeze(-1).expand(-1, -1, d))  # (G, M, d)
-            if N < self.num_codes:
-                init = init + 0.01 * init.std() * torch.randn_like(init)
-            codes.copy_(init)
+            codes.copy_(torch.stack([_distinct_rows(a[:, g], self.num_codes) for g in range(G)]))  # (G, M, d)
             for _ in range(self.kmeans_iters):
                 flat = self.flat_indices(self.topk_codes(a, k=1)).squeeze(-1)  # (N, G) nearest code's row
-                sums = torch.zeros_like(codes).view(G * self.num_codes, d)
+                sums = torch.zeros(G * self.num_codes, d, device=a.device)
                 sums.index_add_(0, flat.flatten(), a.reshape(N * G, d))
                 n = torch.bincount(flat.flatten(), minlength=G * self.num_codes).view(G, -1, 1)
                 codes.copy_(torch.where(n > 0, sums.view_as(codes) / n.clamp(min=1), codes))

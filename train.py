@@ -16,8 +16,8 @@ The recipe (codebook.py lists where it departs from the paper, each with the mea
    cosine decay, the codes at their own learning rate `codebook_lr`; `replace_after` optionally re-seeds dead codes.
 
 Data: TokFSM walks (`dataset="fsm"`) or a data/prepare.py directory read in random windows, as nanoGPT; the batch
-of (rank, iteration, micro-step) comes from its own seeded generator, so DDP ranks read different data and a
-resumed run replays the same batches. `init_from`: "scratch", "resume" or a local Pythia directory (pythia.py).
+of (rank, iteration, micro-step) and its dropout come from seeds of that tuple (step_seeds), so DDP ranks read
+different data and draw different masks, and a resumed run replays the same batches and masks. `init_from`: "scratch", "resume" or a local Pythia directory (pythia.py).
 Configuration: TrainConfig below and GPTConfig (model.py), each field with its valid values; presets in config/;
 --key=value overrides both. `batch_size` is the global batch of one optimizer step. A resumed run continues in the
 out_dir it was read from and may change only the options in RESUMABLE.
@@ -35,12 +35,13 @@ from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import pythia
-from codebook import sync_counts
+from codebook import KMEANS_MAX_TOKENS, sync_counts
 from evaluate import evaluate_fsm, evaluate_lm
 from fsm import TokFSM
 from model import GPT, GPTConfig
@@ -116,9 +117,29 @@ def get_lr(it, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
+def step_seeds(seed, rank, it, micro):
+    """Two 64-bit seeds of (seed, rank, iteration, micro-step): the batch's and the global RNG's (dropout, k-means).
+    numpy's SeedSequence hashes the whole tuple, so every seed in range works, no two tuples share a stream, and a
+    resumed run (or another rank) recomputes them from the tuple alone."""
+    return [int(s) for s in np.random.SeedSequence([seed, rank, it, micro]).generate_state(2, np.uint64)]
+
+
 def data_generator(seed, rank, it, micro):
-    """A generator seeded from (seed, rank, iteration, micro-step): resuming at `it` replays the stream."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + rank) * 1_000_003 + it) * 64 + micro)
+    """The batch generator of (seed, rank, iteration, micro-step): resuming at `it` replays the stream."""
+    return torch.Generator().manual_seed(step_seeds(seed, rank, it, micro)[0])
+
+
+def micro_batch(run, it, micro):
+    """Micro-batch `micro` of iteration `it` on this rank, on the device, with the global RNG (dropout) seeded for
+    it: the same after a resume, different on every rank. Returns x, y (run.micro, block_size)."""
+    data_seed, rng_seed = step_seeds(run.cfg.seed, run.rank, it, micro)
+    torch.manual_seed(rng_seed)
+    gen = torch.Generator().manual_seed(data_seed)
+    if run.fsm is not None:
+        x, y = run.fsm.batch(run.micro, run.block_size, gen)
+    else:
+        x, y = get_batch(run.train_data, run.block_size, run.micro, gen)
+    return x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
 
 
 def get_batch(data, block_size, batch, generator):
@@ -128,12 +149,23 @@ def get_batch(data, block_size, batch, generator):
     return token_windows(data, ix, block_size)
 
 
-def switch_codebooks_on(run):
-    """The end of the warm start: quantize from now on, the codes set by k-means on this step's activations."""
+def switch_codebooks_on(run, it):
+    """The end of the warm start: quantize from now on. With kmeans_init, one no-grad forward over this step's
+    micro-batches (up to KMEANS_MAX_TOKENS over all ranks) sets each codebook's codes by k-means on its input,
+    layer by layer, each codebook initialised before it quantizes for the next; every rank's activations count."""
     for cb in run.codebooks:
         cb.bypass = False
         if run.cfg.kmeans_init:
             cb.request_kmeans_init(run.cfg.kmeans_iters)  # runs on the next training forward
+    if not (run.cfg.kmeans_init and run.codebooks):
+        return
+    per_micro = run.micro * run.block_size * run.world  # tokens of one micro-step over all ranks
+    n = min(run.cfg.gradient_accumulation_steps, max(1, KMEANS_MAX_TOKENS // per_micro))
+    x = torch.cat([micro_batch(run, it, m)[0] for m in range(n)])  # (n * micro, block_size)
+    with torch.no_grad(), run.autocast:
+        run.raw_model(x, last_only=True)
+    for cb in run.codebooks:
+        cb.pending.zero_()  # that forward was not a training step: its code usage is not counted
 
 
 # ---------------------------------------------------------------------------------------------- one step
@@ -147,12 +179,7 @@ def train_step(run, it):
         g["lr"] = lr * g["lr_scale"]
     step_loss = torch.zeros(3, device=run.device)
     for micro_step in range(cfg.gradient_accumulation_steps):
-        gen = data_generator(cfg.seed, run.rank, it, micro_step)
-        if run.fsm is not None:
-            x, y = run.fsm.batch(run.micro, run.block_size, gen)
-        else:
-            x, y = get_batch(run.train_data, run.block_size, run.micro, gen)
-        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        x, y = micro_batch(run, it, micro_step)
         if run.ddp:  # sync gradients on the last micro-step only
             model.require_backward_grad_sync = micro_step == cfg.gradient_accumulation_steps - 1
         with run.autocast:
@@ -197,8 +224,7 @@ def checkpoint(run, it):
     """ckpt.pt, written atomically; the first one of a run that replaces another also replaces the old log."""
     save_checkpoint({"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
                      "model_config": asdict(run.raw_model.config), "train_config": asdict(run.cfg), "iter_num": it,
-                     "run": run.log.run_id, "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state()
-                                                    if run.device.startswith("cuda") else None}}, run.ckpt_path)
+                     "run": run.log.run_id}, run.ckpt_path)
     run.log.commit()
 
 
@@ -219,7 +245,7 @@ def train(run):
     loss_acc = torch.zeros(3, device=run.device)  # sums over the log window: loss, ce, recon
     while it < cfg.max_iters:
         if it == cfg.codebook_start:
-            switch_codebooks_on(run)
+            switch_codebooks_on(run, it)
         step_loss, skip, lr = train_step(run, it)
         it += 1
         tokens += cfg.batch_size * run.block_size
@@ -286,9 +312,9 @@ def configure(argv, world):
         tvals = resume_config(stored, tvals, RESUMABLE, out_dir)
         mvals = resume_config(ckpt["model_config"], mvals, (), out_dir)
         n, c0, c1 = ckpt["iter_num"], ckpt["train_config"].get("codebook_start", 0), tvals["codebook_start"]
-        if c1 != c0 and (n >= c0 or n > c1):  # the switch (and its k-means) must still lie ahead
+        if c1 != c0 and (n > c0 or n > c1):  # the switch (and its k-means) must still lie ahead; at n == c0 it does
             raise ConfigError(f"--codebook_start={c1}: the checkpoint (iteration {n}, codebook_start={c0}) "
-                              f"{'has its codebooks on already' if n >= c0 else f'can switch them on at >= {n}'}: "
+                              f"{'has its codebooks on already' if n > c0 else f'can switch them on at >= {n}'}: "
                               "drop --codebook_start or start a new out_dir")
     cfg = build(TrainConfig, tvals)
     pretrained = cfg.init_from not in ("scratch", "resume")  # a Pythia directory: the codebooks are ours
@@ -378,14 +404,14 @@ def build_model(run, gcfg, ckpt):
     run.optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                                cfg.codebook_lr)
     if ckpt is not None:
+        scales = [g["lr_scale"] for g in run.optimizer.param_groups]  # this config's, not the checkpoint's
         try:
             run.optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError, RuntimeError) as e:
             raise ConfigError(f"the optimizer state in {run.ckpt_path} does not match the model "
                               f"({str(e).splitlines()[0]}): use the checkpoint of the run itself") from None
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if run.device.startswith("cuda") and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        for g, scale in zip(run.optimizer.param_groups, scales):  # a resumed learning_rate keeps codebook_lr
+            g["lr_scale"] = scale
     run.raw_model, run.codebooks = model, [cb for _, cb in model.codebooks()]
     for cb in run.codebooks:  # the warm start: bypassed until the switch at codebook_start
         cb.bypass = run.iter_num <= cfg.codebook_start

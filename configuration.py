@@ -269,7 +269,7 @@ def parse_args(argv, classes):
         if key not in types:
             raise _unknown(key, types, names)
         if key in flags:
-            raise ConfigError(f"--{key} is given twice ({flags[key]!r}, then {text!r}): give it once")
+            raise ConfigError(f"--{key} is given twice (again as {arg}): give it once")
         flags[key] = _parse_value(key, text, types[key])
     return preset, flags
 
@@ -315,7 +315,6 @@ def read_text(path, what):
             from None
     except OSError as e:
         raise ConfigError(f"{what} {path} cannot be read ({e.strerror}): check its permissions") from None
-
 
 
 # ---------------------------------------------------------------------------------------------- --help
@@ -379,8 +378,8 @@ def _valid(meta):
 def help_text(doc, classes):
     """The `--help` of an entry point: the usage part of its docstring `doc`, then every field of the dataclasses
     `classes` as `--name=TYPE  meaning (default X; valid values)`, grouped as the dataclass groups them."""
-    out = [usage(doc), "", "Options: --key=value, each at most once; a preset file (config/NAME.py) given before "
-           "them sets several."]
+    out = [usage(doc), "", "Options: --key=value, each at most once; a preset file (config/NAME.py) sets several, "
+           "and flags override it."]
     for cls in classes:
         hints, notes = typing.get_type_hints(cls), field_notes(cls)
         rows, group = [], None
@@ -389,8 +388,7 @@ def help_text(doc, classes):
             if g != group:
                 rows.append((None, f"  {g}"))
                 group = g
-            default = f.default if f.default is not dataclasses.MISSING else \
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else "required"
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             shown = str(default).lower() if isinstance(default, bool) else repr(default)
             details = "; ".join(x for x in (f"default {shown}", _valid(f.metadata)) if x)
             rows.append((f"--{f.name}={_type_name(hints[f.name])}", f"{meaning} ({details})" if meaning else

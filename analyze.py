@@ -40,8 +40,8 @@ import torch
 import report
 from evaluate import dictionary_metrics
 from fsm import TokFSM
-from utils import (ConfigError, cli, is_device, is_out_dir, is_regex, lm_batches, load_run, load_tokenizer,
-                   load_tokens, parse_config, read_json, read_torch, spec, staged_dir, validate, vocab_strings)
+from utils import (ConfigError, cli, is_device, is_out_dir, is_regex, lm_batches, load_run, load_tokenizer, load_tokens,
+                   parse_config, progress, read_json, read_torch, spec, staged_dir, validate, vocab_strings)
 
 
 @dataclass
@@ -79,7 +79,7 @@ def collect_codes(model, batches, device="cpu"):
     """
     model.eval()
     tokens, codes = [], {site: [] for site, _ in model.codebooks()}
-    for x in batches:
+    for x in progress(batches, desc="collecting codes"):
         model(x.to(device))
         tokens.append(x.to(torch.int32).cpu())
         for site, cb in model.codebooks():

@@ -40,7 +40,7 @@ import steer
 from analyze import collect_codes, fsm_analysis, fsm_readouts, mlp_neurons, neuron_baseline
 from evaluate import bypassed, dictionary_metrics
 from fsm import TokFSM
-from utils import ConfigError, cli, is_device, is_out_dir, load_run, parse_config, spec, staged_dir, validate
+from utils import ConfigError, cli, is_device, is_out_dir, load_run, parse_config, progress, spec, staged_dir, validate
 
 
 class SAELayer(nn.Module):
@@ -155,7 +155,7 @@ def train_saes(model, fsm, saes, cfg, log_every=500):
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.Adam([p for s in saes for p in s.parameters()], lr=cfg.lr)
     since = [torch.zeros(s.groups, s.num_codes, dtype=torch.long) for s in saes]  # steps since each latent fired
-    for step in range(cfg.steps):
+    for step in progress(range(cfg.steps), desc="training SAEs"):
         x, _ = fsm.batch(cfg.batch_size, model.config.block_size, gen)
         with torch.no_grad():
             model(x.to(next(model.parameters()).device))  # the bypassed SAEs record their inputs

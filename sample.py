@@ -16,8 +16,8 @@ from typing import Optional
 
 import torch
 
-from utils import (ConfigError, autocast_for, cli, is_device, load_run, load_tokenizer, parse_config, read_text, spec,
-                   validate)
+from utils import (ConfigError, autocast_for, cli, forward_progress, is_device, load_run, load_tokenizer, parse_config,
+                   read_text, spec, validate)
 
 
 @dataclass
@@ -61,7 +61,7 @@ def main(argv):
     prompt = [codec.eot] + (codec.encode([start])[0] if start else [])
     idx = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long, device=device)  # (num_samples, T)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    with autocast_for(device.type):
+    with autocast_for(device.type), forward_progress(model, cfg.max_new_tokens + 1, "sampling"):
         out = model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, generator=gen)
     for row in out.tolist():
         print(codec.decode(row[1:]))  # without the leading end-of-text token

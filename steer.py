@@ -48,7 +48,7 @@ from analyze import state_codes
 from evaluate import evaluate_fsm, evaluate_lm
 from fsm import TokFSM
 from utils import (ConfigError, atomic_write, cli, is_device, is_out_dir, load_run, load_tokenizer, load_tokens,
-                   parse_config, spec, split_list, validate)
+                   parse_config, progress, spec, split_list, validate)
 
 
 def _save_path(path):
@@ -282,7 +282,7 @@ def fsm_swap(model, fsm, pairs=500, patch="state+next", groups=None, seed=0, bat
     pos = {"last": [T - 1], "state": list(range(T - D, T)), "state+next": list(range(T - D, T + D - 1))}[patch]
     groups = groups or site_groups(model)
     res = []
-    for s in range(0, pairs, batch):
+    for s in progress(range(0, pairs, batch), desc=f"swap ({patch})"):
         a, b, B_ = ctx_a[s : s + batch], ctx_b[s : s + batch], B[s : s + batch]
         p_b, t_b, codes_b = next_state_dist(model, fsm, b, return_codes=True)  # B's codes at every position
         dists = {"none": next_state_dist(model, fsm, a), "B": (p_b, t_b)}

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from analyze import collect_codes, precision_recall, regex_mask
 from steer import generate, parse_codes
 from utils import (ConfigError, cli, is_device, is_out_dir, lm_batches, load_run, load_tokenizer, load_tokens,
-                   parse_config, read_json, spec, split_list, staged_dir, validate, vocab_strings)
+                   parse_config, progress, read_json, spec, split_list, staged_dir, validate, vocab_strings)
 
 TOPICS = {"dragon": "dragon", "slide": "slide", "friend": "friend", "flower": "flower", "fire": "fire",
           "baby": "baby", "princess": "prince|crown|king|castle"}  # the paper's topics (Table 3)
@@ -162,7 +162,7 @@ def topic_steering(model, codec, topic_codes, topics, per_prompt=10, max_new_tok
         return texts
 
     samples, res = {"baseline": sample(())}, {}
-    for topic, regex in topics.items():
+    for topic, regex in progress(topics.items(), len(topics), "steering"):
         pat = re.compile(regex, re.I)
         samples[topic] = sample(topic_codes.get(topic, ()))
         rate = lambda texts: sum(bool(pat.search(t)) for t in texts) / len(texts)  # noqa: E731

@@ -45,7 +45,7 @@ from codebook import KMEANS_MAX_TOKENS, sync_counts
 from evaluate import evaluate_fsm, evaluate_lm
 from fsm import TokFSM
 from model import GPT, GPTConfig
-from utils import (AllFinite, ConfigError, DirLock, RunLog, autocast_for, build, cli, device_of, end_process_group,
+from utils import (AllFinite, ConfigError, DirLock, RunLog, autocast_for, build, cli, device_of, end_process_group, eta,
                    is_device, is_out_dir, load_checkpoint, load_state, load_tokens, parse_args, resume_config,
                    save_checkpoint, spec, split_config, token_windows, validate)
 
@@ -240,7 +240,7 @@ def main(argv):
 
 def train(run):
     cfg, master, it = run.cfg, run.rank == 0, run.iter_num
-    t0, tokens, window, skipped, failure = time.time(), 0, 0, 0, None
+    t0, tokens, window, skipped, failure, start = time.time(), 0, 0, 0, None, (time.time(), it)  # start: the ETA's
     saved = it if run.resumed else None  # the iteration of the checkpoint on disk
     loss_acc = torch.zeros(3, device=run.device)  # sums over the log window: loss, ce, recon
     while it < cfg.max_iters:
@@ -271,8 +271,8 @@ def train(run):
             dt = time.time() - t0
             run.train_time += dt
             if master:
-                print(f"iter {it}: loss {lo:.4f} (ce {ce:.4f}, recon {rc:.4f}), lr {lr:.2e}, "
-                      f"{tokens / dt:,.0f} tok/s" + (f", {skipped} step(s) skipped" if skipped else ""))
+                print(f"iter {it}: loss {lo:.4f} (ce {ce:.4f}, recon {rc:.4f}), lr {lr:.2e}, {tokens / dt:,.0f} tok/s, "
+                      f"{eta(start, it, cfg.max_iters)}" + (f", {skipped} step(s) skipped" if skipped else ""))
                 run.log.write({"iter": it, "loss": lo, "ce": ce, "recon": rc, "lr": lr, "tok_per_s": tokens / dt})
             if not math.isfinite(lo):
                 failure = f"the loss became {lo} by iteration {it}"

@@ -1,171 +1,32 @@
 """
 Plumbing shared by the entry points (train.py, sample.py, analyze.py, steer.py, bench.py, data/prepare.py), kept
-apart so that the concept files show only the method. In nanoGPT's spirit (its configurator.py), without exec:
+apart so that the concept files show only the method:
 
-- configs: dataclass fields declare their valid values once (`spec`), one validator (`validate`) applies them;
-  presets are `config = dict(...)` files read with `ast`; `--key=value` is parsed against the field's type;
-- errors: ConfigError, and `cli`, which turns it into one `error: ...` line;
+- configs, presets, flags, `--help`, ConfigError and `cli` live in configuration.py, progress bars in progress.py;
+  both are re-exported here, so `from utils import spec, cli, progress, ...` works;
 - files: the device, files read from users (fail clearly when torn or foreign), outputs written to a temporary
   name and renamed into place, a lock that gives a directory one owner process;
 - checkpoints, token files and tokenizers.
 """
 
-import ast
 import contextlib
 import dataclasses
 import functools
 import json
-import math
 import os
-import re
 import shutil
 import sys
 import threading
 import time
-import typing
 from collections import namedtuple
 
 import numpy as np
 import torch
 
-
-class ConfigError(ValueError):
-    """A bad input: the message names the problem and the fix. `cli` prints it as one `error:` line."""
-
-
-def cli(main, argv=None):
-    """Run main(argv or sys.argv[1:]). A ConfigError, a non-finite loss (FloatingPointError) or an OS error ends
-    the process with one `error: ...` line. Under torchrun the other ranks of a node wait 5 s before saying it:
-    when every rank fails alike, torchrun stops them once the first rank has exited, so the error is said once;
-    an error of their own (the first rank still running) is still said."""
-    try:
-        return main(sys.argv[1:] if argv is None else argv)
-    except (ConfigError, FloatingPointError) as e:
-        msg = f"error: {e}"
-    except OSError as e:  # a full disk, a file that vanished: say which file and why
-        msg = f"error: {e.filename or 'a file'}: {e.strerror or e}: check the path and free space"
-    if int(os.environ.get("LOCAL_RANK", 0)) != 0:
-        time.sleep(5)
-    sys.exit(msg)
-
-
-# ---------------------------------------------------------------------------------------------- config fields
-_RULE = re.compile(r"^\s*(?:(>=|>|<=|<)\s*(\S+)|([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])]))\s*$")
-
-
-def spec(default, rule=None, *, each=None, check=None):
-    """A dataclass field with its valid values beside it, checked by `validate`.
-
-    rule: an interval such as ">= 1", "> 0", "[0, 1)", or a tuple of choices. each: the choices of every item of a
-    comma-separated string. check: a function of the value that returns a string saying what is wrong with it (or
-    raises a ConfigError), anything else when it is fine."""
-    meta = {"check": check, "each": each}
-    if isinstance(rule, tuple):
-        meta["choices"] = rule
-    elif rule is not None:
-        m = _RULE.match(rule)
-        if not m:
-            raise ValueError(f"bad rule {rule!r}")
-        op, x, lb, lo, hi, rb = m.groups()
-        if op:
-            lo, hi, lb, rb = (x, "inf", "[" if op == ">=" else "(", ")") if ">" in op else \
-                ("-inf", x, "(", "]" if op == "<=" else ")")
-        meta["interval"] = (float(lo), lb == "[", float(hi), rb == "]", rule)
-    return dataclasses.field(default=default, metadata=meta)
-
-
-def _base_type(typ):
-    """(type, optional) of a field annotation: Optional[X] -> (X, True)."""
-    if typing.get_origin(typ) is typing.Union:
-        return [t for t in typing.get_args(typ) if t is not type(None)][0], True
-    return typ, False
-
-
-def _typed(key, value, annotation):
-    """value as the field's type (an int given for a float becomes a float), or a ConfigError."""
-    typ, optional = _base_type(annotation)
-    if value is None and optional:
-        return value
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-        raise ConfigError(f"{key}={value!r}: expected {typ.__name__}, got {type(value).__name__}")
-    return value
-
-
-def validate(cfg):
-    """Check every field of the dataclass instance against its type and its `spec`; raise ConfigError naming the
-    field, the value and the fix. Ints given for float fields become floats. Called by each config's __post_init__."""
-    hints = typing.get_type_hints(type(cfg))
-    for f in dataclasses.fields(cfg):
-        key = f.name
-        value = _typed(key, getattr(cfg, key), hints[key])
-        setattr(cfg, key, value)
-        if value is None:
-            continue
-        typ = type(value)
-        if typ is float and not math.isfinite(value):
-            raise ConfigError(f"{key}={value} is not a finite number: pass --{key}=X with a finite X")
-        m = f.metadata
-        if "interval" in m:
-            lo, lo_in, hi, hi_in, rule = m["interval"]
-            if not ((lo <= value if lo_in else lo < value) and (value <= hi if hi_in else value < hi)):
-                within = f"in {rule}" if rule[0] in "[(" else rule
-                raise ConfigError(f"{key}={value} is out of range: it must be {within} (pass --{key}=X with X {within})")
-        if "choices" in m and value not in m["choices"]:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(repr, m['choices']))}: pick one")
-        if m.get("each"):
-            bad = [v for v in split_list(value) if v not in m["each"]]
-            if bad:
-                raise ConfigError(f"{key}={value!r}: {', '.join(map(repr, bad))} not among {', '.join(m['each'])}: "
-                                  "pick from those (comma-separated)")
-        problem = m["check"](value) if m.get("check") else None  # a check may also raise a ConfigError itself
-        if isinstance(problem, str):
-            raise ConfigError(f"{key}={value!r} {problem}")
-
-
-def split_list(text):
-    """"a, b,,c" -> ["a", "b", "c"]."""
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def build(cls, values, what=None):
-    """cls(**values) with unknown keys and bad values as ConfigError."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {unknown}{' in ' + what if what else ''}: see {cls.__name__}")
-    return cls(**values)
-
-
-# checks for `spec(check=...)`
-def is_regex(value):
-    try:
-        re.compile(value)
-    except re.error as e:
-        return f"is not a valid regular expression ({e}): fix the pattern"
-    return None
-
-
-def is_device(name):
-    """None if torch can use the device `name` here ("auto", "cpu", "cuda", "cuda:1", "mps"), else the problem."""
-    cuda = ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    avail = ["auto", "cpu", *cuda] + (["mps"] if torch.backends.mps.is_available() else [])
-    return None if name in avail else f"is not available here: use one of {', '.join(avail)}"
-
-
-def is_out_dir(path):
-    """None if `path` can be an output directory (it may not exist yet), else the problem."""
-    if not path.strip():
-        return "is empty: name a directory"
-    if os.path.exists(path) and not os.path.isdir(path):
-        return "is a file, not a directory: name a directory"
-    parent = os.path.abspath(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        return f"cannot be created or written ({parent} is not a writable directory): choose a writable place"
-    return None
+from configuration import (ConfigError, HelpRequested, _parse_value, build, check_help, cli,  # noqa: F401
+                           is_device, is_out_dir, is_regex, load_preset, parse_args, parse_config, read_text,
+                           resume_config, spec, split_config, split_list, validate)
+from progress import eta, forward_progress, progress  # noqa: F401
 
 
 def device_of(name):
@@ -180,124 +41,7 @@ def autocast_for(device, dtype="auto"):
     return torch.autocast(device_type=kind, dtype=torch.bfloat16, enabled=on)
 
 
-# ---------------------------------------------------------------------------------------------- presets and flags
-def load_preset(path):
-    """The `config` dict of a preset (config/*.py): `config = dict(key=value, ...)` or `config = {...}` with literal
-    values, read with ast and never executed. Raises ConfigError for anything else."""
-    if not path.endswith(".py"):
-        raise ConfigError(f"{path}: presets are .py files holding `config = dict(...)`; flags are --key=value")
-    text = read_text(path, "preset")
-    try:
-        tree = ast.parse(text, path)
-    except SyntaxError as e:
-        raise ConfigError(f"{path}:{e.lineno}: {e.msg}: fix the preset's Python syntax") from None
-    config = None
-    for i, node in enumerate(tree.body):
-        if i == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
-            continue  # the docstring
-        if not (isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["config"]):
-            raise ConfigError(f"{path}:{node.lineno}: a preset holds only `config = dict(key=value, ...)`: "
-                              "move other code out of it")
-        v = node.value
-        if isinstance(v, ast.Call) and getattr(v.func, "id", None) == "dict" and not v.args:
-            items = [(kw.arg, kw.value) for kw in v.keywords]
-        elif isinstance(v, ast.Dict) and all(isinstance(k, ast.Constant) for k in v.keys):
-            items = [(k.value, x) for k, x in zip(v.keys, v.values)]
-        else:
-            raise ConfigError(f"{path}:{node.lineno}: `config` must be dict(key=value, ...) or a {{...}} literal")
-        config = {}
-        for key, x in items:
-            try:
-                config[key] = ast.literal_eval(x)
-            except ValueError:
-                raise ConfigError(f"{path}:{x.lineno}: the value of {key!r} is not a literal (a number, string, "
-                                  "bool or None): write the value itself") from None
-    if config is None:
-        raise ConfigError(f"{path} defines no `config`: write config = dict(key=value, ...)")
-    return config
-
-
-def _parse_value(key, text, typ):
-    typ, optional = _base_type(typ)
-    if optional and text.lower() == "none":
-        return None
-    if typ is bool:
-        if text.lower() in ("1", "true", "yes"):
-            return True
-        if text.lower() in ("0", "false", "no"):
-            return False
-        raise ConfigError(f"--{key}={text}: expected true or false")
-    try:
-        return typ(text)
-    except ValueError:
-        raise ConfigError(f"--{key}={text}: expected {typ.__name__}") from None
-
-
-def parse_args(argv, classes):
-    """argv -> (values from the preset files, values from --key=value), both dicts of the fields of the
-    dataclasses `classes`. Raises ConfigError for unknown keys, malformed arguments and values of the wrong type."""
-    types = {k: t for c in classes for k, t in typing.get_type_hints(c).items()}
-    names = " and ".join(c.__name__ for c in classes)
-    preset, flags = {}, {}
-    for arg in argv:
-        if not arg.startswith("--"):
-            for key, value in load_preset(arg).items():
-                if key not in types:
-                    raise ConfigError(f"unknown config key {key!r} in {arg}: see {names}")
-                preset[key] = _typed(key, value, types[key])
-            continue
-        if "=" not in arg:
-            raise ConfigError(f"{arg}: write overrides as --key=value")
-        key, text = arg[2:].split("=", 1)
-        if key not in types:
-            raise ConfigError(f"unknown config key {key!r}: see {names}")
-        flags[key] = _parse_value(key, text, types[key])
-    return preset, flags
-
-
-def split_config(values, *classes):
-    """A flat dict -> one dict per dataclass, by field name (the first class that has the field)."""
-    out, seen = [], set()
-    for c in classes:
-        names = {f.name for f in dataclasses.fields(c)} - seen
-        out.append({k: v for k, v in values.items() if k in names})
-        seen |= names
-    return out
-
-
-def parse_config(argv, cls):
-    """The one-dataclass entry points (sample, analyze, steer, bench): presets and flags -> a validated cls."""
-    preset, flags = parse_args(argv, (cls,))
-    return cls(**{**preset, **flags})
-
-
-def resume_config(stored, given, resumable, where):
-    """The config of a resumed run: `stored` (the checkpoint's values) with the `given` ones (presets and flags)
-    that differ applied only where the key is in `resumable`. Raises ConfigError naming what may not change."""
-    changed = sorted(k for k, v in given.items() if k in stored and stored[k] != v and k not in resumable)
-    if changed:
-        raise ConfigError(f"cannot change {', '.join(changed)} when resuming {where} (its data, model or place "
-                          f"would change): drop them, or start a new out_dir; a resume may change "
-                          f"{', '.join(resumable)}")
-    return {**stored, **{k: v for k, v in given.items() if k in resumable}}
-
-
 # ---------------------------------------------------------------------------------------------- files from users
-def read_text(path, what):
-    """The UTF-8 text of a user's file, or a ConfigError naming the file and what is wrong with it."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"{what} {path!r} not found" + (" (a directory)" if os.path.isdir(path) else "") +
-                          ": check the path")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {e.start}): convert it or pass another file") \
-            from None
-    except OSError as e:
-        raise ConfigError(f"{what} {path} cannot be read ({e.strerror}): check its permissions") from None
-
-
 def read_json(path, what, fix="write it again", kind=dict):
     """A JSON file holding a `kind` (dict or list), or a ConfigError naming the file, what is wrong and `fix`."""
     text = read_text(path, what)

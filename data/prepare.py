@@ -62,8 +62,8 @@ from typing import Optional
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
-from utils import (EOT, GPT2_SHA256, ConfigError, atomic_write, cli, is_out_dir, load_codec, parse_args,  # noqa: E402
-                   read_text, spec, staged_dir, validate)
+from utils import (EOT, GPT2_SHA256, ConfigError, atomic_write, check_help, cli, is_out_dir, load_codec,  # noqa: E402
+                   parse_args, progress, read_text, spec, staged_dir, validate)
 
 GPT2_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
 NEOX_REPO = "EleutherAI/pythia-70m"  # every Pythia ships the same GPT-NeoX-20B tokenizer.json
@@ -214,7 +214,7 @@ def write_tokens(docs, codec, path, batch=1024):
     file. Returns (tokens, documents)."""
     tokens = n_docs = 0
     with open(path, "wb") as f:
-        for chunk in batched(docs, batch):
+        for chunk in batched(progress(docs, desc=f"{os.path.basename(path)} (documents)"), batch):
             ids = codec.encode(chunk)
             arr = np.concatenate([np.array(i + [codec.eot], dtype=np.uint16) for i in ids])  # (tokens,)
             arr.tofile(f)
@@ -338,6 +338,7 @@ def prepare(dataset, args):
 
 
 def main(argv):
+    check_help(argv, (PrepareConfig,))
     if not argv or argv[0] not in DATASETS:
         raise ConfigError(f"name the dataset first: python data/prepare.py {{{','.join(DATASETS)}}} [--key=value ...]"
                           f" (got {argv[0] if argv else 'nothing'!r})")

@@ -15,7 +15,6 @@ the first checkpoint and the end of the run, as timed on the uninterrupted refer
 is 1 if any trial fails.
 """
 
-import argparse
 import glob
 import json
 import os
@@ -26,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -33,7 +33,7 @@ os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported, here and in eve
 
 import torch  # noqa: E402
 
-from utils import ConfigError, load_checkpoint, model_from_checkpoint  # noqa: E402
+from utils import ConfigError, cli, load_checkpoint, model_from_checkpoint, parse_config, spec, validate  # noqa: E402
 
 MAX_ITERS = 16
 RUN = ["--n_layer=1", "--n_embd=64", "--n_head=4", "--num_codes=512", "--block_size=16", "--batch_size=8",
@@ -161,13 +161,20 @@ def crash_trials(n, seed, root):
     return all(r["loadable"] and r["resumed"] and r["exact"] and r["log_ok"] for r in rows)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trials", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--keep", action="store_true", help="keep the work directory")
-    args = p.parse_args()
+@dataclass
+class TrialsConfig:
+    """Crash trials."""
+
+    trials: int = spec(20, ">= 1")  # SIGKILL trials, half during a checkpoint write
+    seed: int = spec(0, ">= 0")  # of the kill moments
+    keep: bool = False  # keep the work directory
+
+    def __post_init__(self):
+        validate(self)
+
+
+def main(argv):
+    args = parse_config(argv, TrialsConfig)
     torch.set_num_threads(1)
     root = tempfile.mkdtemp(prefix="fault_trials_")
     try:
@@ -181,4 +188,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -12,15 +12,19 @@ is then the one recorded in the log, marked *); delete the directory to train it
 for analyze.py, steer.py and sae.py (sae.py reads the no-codebook row).
 """
 
-import argparse
 import json
 import os
 import platform
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from utils import (ConfigError, cli, is_out_dir, load_checkpoint, parse_config, progress, spec, split_list,  # noqa: E402
+                   validate)
+
 ROWS = {  # name: (label, overrides of `python train.py`)
     "nocb": ("no codebooks", ["--codebook_sites="]),
     "k1": ("**k=1 (default)**, every head + every MLP", []),
@@ -43,9 +47,6 @@ def machine(threads):
 
 def last_eval(out):
     """The final evaluation of the finished run in out (its checkpoint at max_iters), or None."""
-    sys.path.insert(0, ROOT)
-    from utils import ConfigError, load_checkpoint
-
     try:
         ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
         evals = [json.loads(line) for line in open(os.path.join(out, "log.jsonl")) if '"eval"' in line]
@@ -86,19 +87,24 @@ def table(results, threads):
     return "\n".join(lines) + f"\n\nMachine: {machine(threads)}."
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
-    p.add_argument("--out", default="out-table", help="directory of the runs, one subdirectory per row")
-    p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each training process")
-    args = p.parse_args()
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    bad = [r for r in rows if r not in ROWS]
-    if bad or args.threads < 1:
-        sys.exit(f"error: unknown row(s) {bad} or --threads < 1: rows are {', '.join(ROWS)}")
-    results = {name: run_row(name, ROWS[name][1], args.out, args.threads) for name in rows}
-    print(table(results, args.threads))
+@dataclass
+class TableConfig:
+    """The rows of the table and where their runs go."""
+
+    rows: str = spec(",".join(ROWS), each=tuple(ROWS))  # the rows to train (or read), comma-separated
+    out: str = spec("out-table", check=is_out_dir)  # directory of the runs, one subdirectory per row
+    threads: int = spec(2, ">= 1")  # OMP_NUM_THREADS of each training process
+
+    def __post_init__(self):
+        validate(self)
+
+
+def main(argv):
+    cfg = parse_config(argv, TableConfig)
+    rows = split_list(cfg.rows)
+    results = {name: run_row(name, ROWS[name][1], cfg.out, cfg.threads) for name in progress(rows, desc="rows")}
+    print(table(results, cfg.threads))
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

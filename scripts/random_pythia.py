@@ -10,23 +10,38 @@ The directory holds config.json, model.safetensors and a copy of the GPT-NeoX to
 random, so losses start at about ln(50,304) = 10.8 and say nothing about Pythia itself.
 """
 
-import argparse
 import os
 import shutil
+import sys
+from dataclasses import dataclass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # build from a config: no hub
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils import cli, is_out_dir, parse_config, spec, validate  # noqa: E402
 
 # hidden size, layers, heads of the two shapes this script writes
 SIZES = {"70m": (512, 6, 8), "tiny": (128, 2, 4)}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="directory to write (created)")
-    p.add_argument("--size", choices=sorted(SIZES), default="70m")
-    p.add_argument("--tokenizer", default="", help="a GPT-NeoX tokenizer.json to copy next to the weights")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+def _no_file_or_a_file(path):
+    return None if not path or os.path.isfile(path) else "is not a file: check the path"
+
+
+@dataclass
+class RandomPythiaConfig:
+    """A random GPT-NeoX; --out is required."""
+
+    out: str = spec("", check=is_out_dir)  # directory to write (created)
+    size: str = spec("70m", tuple(sorted(SIZES)))  # the shape: hidden size, layers and heads of SIZES
+    tokenizer: str = spec("", check=_no_file_or_a_file)  # a GPT-NeoX tokenizer.json to copy next to the weights
+    seed: int = spec(0, ">= 0")
+
+    def __post_init__(self):
+        validate(self)
+
+
+def main(argv):
+    args = parse_config(argv, RandomPythiaConfig)
     import torch
     import transformers
 
@@ -52,4 +67,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

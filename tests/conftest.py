@@ -54,3 +54,10 @@ def write_tokens(d, ids, vocab_size=64, splits=("train", "val")):
     with open(os.path.join(d, "meta.json"), "w") as f:
         json.dump({"tokenizer": "gpt2", "tokenizer_file": "none", "vocab_size": vocab_size}, f)
     return d
+
+
+def once(args):
+    """args with each --key=value given once, its last value kept: the tests vary a flag of a shared tiny
+    configuration by appending it, and the entry points refuse a flag given twice."""
+    last = {str(a).split("=")[0]: i for i, a in enumerate(args) if str(a).startswith("--")}
+    return [a for i, a in enumerate(args) if not str(a).startswith("--") or last[str(a).split("=")[0]] == i]

@@ -15,7 +15,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
-from conftest import GPT2_FILE, ROOT, write_gpt2_dataset, write_tokens
+from conftest import GPT2_FILE, ROOT, once, write_gpt2_dataset, write_tokens
 
 import analyze
 import bench
@@ -122,7 +122,7 @@ def world(tmp_path_factory):
     train.main([*TINY, "--max_iters=2", "--eval_interval=2", "--log_interval=1", "--codebook_start=1",
                 f"--out_dir={j('run')}"])
     analyze.main([f"--out_dir={j('run')}", "--num_seqs=16", "--device=cpu", "--html_codes=2"])  # run/analysis
-    train.main([*TINY, "--max_iters=1", "--codebook_sites=", f"--out_dir={j('nocb')}"])
+    train.main(once([*TINY, "--max_iters=1", "--codebook_sites=", f"--out_dir={j('nocb')}"]))
     for how in ("truncated", "text", "state_dict", "mismatch", "optimizer", "old_version"):
         damaged_run(j("run"), j(how), how)
     rng = np.random.default_rng(0)
@@ -182,7 +182,7 @@ def check(entry, args, needles, world, tmp_path, capsys):
     shutil.copytree(world, w)
     before = snapshot(w)
     names = {n.replace(".", "_"): os.path.join(w, n) for n in os.listdir(w)}  # {preset_str_py}: w/preset_str.py
-    argv = [a.format(w=w, **names) for a in args]
+    argv = once([a.format(w=w, **names) for a in args])
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         cli(entry, argv)
@@ -534,7 +534,7 @@ def test_torchrun_batch_not_divisible_across_ranks(world, tmp_path):
     shutil.copytree(world, w)
     before = snapshot(w)
     logs = str(tmp_path / "logs")
-    argv = [a.format(run=os.path.join(w, "run")) for a in [*SCRATCH, "--batch_size=7"]]
+    argv = once([a.format(run=os.path.join(w, "run")) for a in [*SCRATCH, "--batch_size=7"]])
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         f"--log-dir={logs}", "--redirects=3", "train.py", *argv], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=300)

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import once
 
 import train
 from evaluate import evaluate_lm
@@ -40,7 +41,7 @@ def env(**extra):
 
 
 def run(script, args, timeout=300, **extra):
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, env=env(**extra),
+    return subprocess.run([sys.executable, script, *map(str, once(args))], cwd=ROOT, env=env(**extra),
                           capture_output=True, text=True, timeout=timeout)
 
 

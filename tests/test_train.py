@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import once
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=16", "--batch_size=8", "--eval_interval=3",
@@ -19,12 +20,12 @@ def env():
 
 
 def run(args, timeout=120):
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env(), capture_output=True,
+    return subprocess.run([sys.executable, "train.py", *once(args)], cwd=ROOT, env=env(), capture_output=True,
                           text=True, timeout=timeout)
 
 
 def torchrun(script, args, timeout=180):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *once(args)]
     return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
 
 

@@ -18,7 +18,8 @@ import train
 from evaluate import evaluate_lm
 from model import GPT, GPTConfig
 from conftest import write_bpe, write_tiktoken
-from utils import EOT, ConfigError, gpt2_tokenizer, load_tokenizer, load_tokens, neox_tokenizer, staged_dir
+from utils import (EOT, ConfigError, gpt2_tokenizer, load_codec, load_tokenizer, load_tokens, neox_tokenizer,
+                   staged_dir)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared", "data")
@@ -142,9 +143,13 @@ def test_neox_tokenizer_offline(no_network):
 
 
 def test_gpt2_tokenizer_rejects_another_file(tmp_path):
-    """A valid .tiktoken file that is not r50k_base (tiktoken's sha256 differs) is refused."""
+    """A valid .tiktoken file that is not r50k_base (tiktoken's sha256 differs) is refused; a dataset naming it
+    gets one line that names the file."""
+    path = str(write_tiktoken(tmp_path / "bytes.tiktoken"))
     with pytest.raises(ValueError, match="[Hh]ash"):
-        gpt2_tokenizer(str(write_tiktoken(tmp_path / "bytes.tiktoken")))
+        gpt2_tokenizer(path)
+    with pytest.raises(ConfigError, match="bytes.tiktoken as the gpt2 tokenizer"):
+        load_codec("gpt2", path)
 
 
 def test_staged_dir_keeps_the_earlier_result_on_error(tmp_path):

@@ -1,5 +1,7 @@
 """Shared test setup: the repo root is importable (`import fsm, codebook, model, utils`) and every test
-starts from torch.manual_seed(0). CPU only."""
+starts from torch.manual_seed(0); helpers that write tiny token datasets and tokenizers on the spot, so that the
+tests need nothing beside the repository (only those whose point is the real files in ../shared/data skip
+without them). CPU only."""
 
 import os
 import sys
@@ -17,28 +19,52 @@ def seed():
     torch.manual_seed(0)
 
 
-GPT2_FILE = os.path.join(ROOT, "..", "shared", "data", "tokenizers", "gpt2", "r50k_base.tiktoken")
+def write_bpe(path, text, vocab_size=384):
+    """A byte-level BPE tokenizer.json trained on `text` with the `tokenizers` library, laid out as Pythia's
+    (<|endoftext|> = id 0, every byte a token, so any text encodes): utils.load_codec("neox", path) loads it.
+    Deterministic; at most vocab_size tokens. Returns path."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from utils import EOT
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text], trainer)
+    tok.save(str(path))
+    return path
 
 
-def write_gpt2_dataset(directory, text):
-    """A tiny token dataset as data/prepare.py writes it (train.bin = val.bin = `text` + eot, meta.json,
-    the tokenizer file), GPT-2 BPE from ../shared/data. Returns the directory."""
+def write_tiktoken(path):
+    """A valid tiktoken-format BPE file (base64 token, space, rank per line) that is not r50k_base: the 256
+    single bytes, ranks 0..255. Returns path."""
+    import base64
+
+    with open(path, "w") as f:
+        f.writelines(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256))
+    return path
+
+
+def write_lm_dataset(directory, text, vocab_size=384):
+    """A tiny token dataset as data/prepare.py writes it (train.bin = val.bin = `text` + eot, meta.json, the
+    tokenizer file), with a BPE trained on `text` (write_bpe), loaded through the tokenizer.json ("neox") path.
+    Needs nothing outside the repository. Returns the directory."""
     import json
-    import shutil
 
     import numpy as np
 
     from utils import load_codec
 
-    codec = load_codec("gpt2", GPT2_FILE)
-    ids = np.array(codec.encode([text])[0] + [codec.eot], dtype=np.uint16)
     os.makedirs(directory, exist_ok=True)
+    codec = load_codec("neox", write_bpe(os.path.join(directory, "tokenizer.json"), text, vocab_size))
+    ids = np.array(codec.encode([text])[0] + [codec.eot], dtype=np.uint16)
     for split in ("train", "val"):
         ids.tofile(os.path.join(directory, f"{split}.bin"))
-    shutil.copy(GPT2_FILE, os.path.join(directory, "tokenizer.tiktoken"))
     with open(os.path.join(directory, "meta.json"), "w") as f:
-        json.dump({"tokenizer": "gpt2", "tokenizer_file": "tokenizer.tiktoken", "vocab_size": 50257,
-                   "eot_token": 50256}, f)
+        json.dump({"tokenizer": "neox", "tokenizer_file": "tokenizer.json", "vocab_size": codec.vocab_size,
+                   "eot_token": codec.eot}, f)
     return directory
 
 

@@ -7,7 +7,7 @@ from dataclasses import asdict
 from types import SimpleNamespace
 
 import pytest
-from conftest import GPT2_FILE, write_gpt2_dataset
+from conftest import write_lm_dataset
 import torch
 
 import analyze
@@ -189,11 +189,10 @@ def test_cli_fsm_writes_everything(tmp_path):
     analyze.main([f"--out_dir={tmp_path / 'run'}", f"--save_dir={out}", f"--codes={out / 'codes.pt'}", "--device=cpu"])
 
 
-@pytest.mark.skipif(not os.path.isfile(GPT2_FILE), reason="../shared/data tokenizers are not here")
 def test_cli_language_model_regex_concepts(tmp_path):
     text = "Once upon a time there was a dragon. The dragon saw a king in a castle. A baby had a flower. " * 16
-    data = write_gpt2_dataset(tmp_path / "data", text)
-    model = tiny(k=2, sites="attn_heads", vocab=50257, layers=1)
+    data = write_lm_dataset(tmp_path / "data", text)
+    model = tiny(k=2, sites="attn_heads", vocab=384, layers=1)
     save_ckpt(model, tmp_path / "run", dataset=str(data))
     out = tmp_path / "an"
     analyze.main([f"--out_dir={tmp_path / 'run'}", f"--save_dir={out}", "--regex= dragon", "--device=cpu"])

@@ -15,7 +15,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
-from conftest import GPT2_FILE, ROOT, once, write_gpt2_dataset, write_tokens
+from conftest import ROOT, once, write_bpe, write_lm_dataset, write_tiktoken, write_tokens
 
 import analyze
 import bench
@@ -136,9 +136,9 @@ def world(tmp_path_factory):
     open(j("bad_meta", "meta.json"), "w").write('{"tokenizer": "gpt2", "vocab')  # torn
     pythia_dir(j("pythia_missing_shard"), missing_shard=True)
     pythia_dir(j("llama"), arch="llama")
-    # a language model: prepared text (the shared GPT-2 BPE), a tiny random checkpoint and its topic codes
-    data = write_gpt2_dataset(j("lm_data"), "Once upon a time there was a dragon and a king. " * 40)
-    model = GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=16, vocab_size=50257,
+    # a language model: prepared text (a BPE trained on it), a tiny random checkpoint and its topic codes
+    data = write_lm_dataset(j("lm_data"), "Once upon a time there was a dragon and a king. " * 40)
+    model = GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=16, vocab_size=384,
                           codebook_sites="attn_heads", num_codes=16, k=1))
     os.makedirs(j("lm_run"))
     torch.save({"model": model.state_dict(), "model_config": asdict(model.config), "optimizer": {}, "rng": {},
@@ -150,18 +150,19 @@ def world(tmp_path_factory):
     ckpt["train_config"]["dataset"] = j("nowhere")
     torch.save(ckpt, j("lm_run_no_data", "ckpt.pt"))
     shutil.copytree(data, j("lm_bad_tok"))
-    open(j("lm_bad_tok", "tokenizer.tiktoken"), "w").write("not a tokenizer\n")
+    open(j("lm_bad_tok", "tokenizer.json"), "w").write("not a tokenizer\n")
     # prepared data of data/prepare.py, which a failed prepare must leave whole
     src = j("ts_src")
     os.makedirs(src)
     open(os.path.join(src, "train.txt"), "w").write("One day, a cat sat.\nOnce upon a time, a dog ran.\n")
     open(os.path.join(src, "val.txt"), "w").write("Once upon a time, a bird sang.\n\n")
     open(os.path.join(src, "wiki.tokens"), "w").write(" = A = \n text \n = B = \n more \n")
-    shutil.copy(GPT2_FILE, j("r50k_base.tiktoken"))
-    shutil.copy(os.path.join(os.path.dirname(GPT2_FILE), "..", "gpt-neox", "tokenizer.json"), j("neox.json"))
-    open(j("r50k_torn.tiktoken"), "wb").write(open(GPT2_FILE, "rb").read()[:-100])
-    prepare.main(["tinystories", f"--train={src}/train.txt", f"--val={src}/val.txt",
-                  f"--tokenizer={j('r50k_base.tiktoken')}", f"--out={j('prepared')}"])
+    articles = "".join(f" = Article {i} = \n \n The dragon {i} met a king . \n \n" for i in range(10))
+    open(os.path.join(src, "wiki10.tokens"), "w").write(articles)
+    write_bpe(j("neox.json"), articles)  # a tokenizer.json as Pythia's
+    write_tiktoken(j("bytes.tiktoken"))  # a valid .tiktoken file that is not r50k_base
+    prepare.main(["wikitext", f"--valid={src}/wiki10.tokens", f"--test={src}/wiki.tokens",
+                  f"--tokenizer={j('neox.json')}", f"--out={j('prepared')}"])
     return w
 
 
@@ -176,8 +177,6 @@ def snapshot(d):
 
 def check(entry, args, needles, world, tmp_path, capsys):
     """Run one case in a copy of the world; assert one clear error line and an untouched world."""
-    if not os.path.isfile(GPT2_FILE):
-        pytest.skip("../shared/data is not here")
     w = str(tmp_path / "w")
     shutil.copytree(world, w)
     before = snapshot(w)
@@ -327,7 +326,7 @@ SAMPLE = [
     ("prompt file missing", [*SAMPLE_ARGS, "--start=FILE:{w}/nope.txt"], ["prompt file", "nope.txt", "not found"]),
     ("prompt file not UTF-8", [*SAMPLE_ARGS, "--start=FILE:{latin1_txt}"], ["latin1.txt", "not UTF-8"]),
     ("dataset without meta.json", [*SAMPLE_ARGS, "--dataset={empty_dir}"], ["meta.json", "data/prepare.py"]),
-    ("torn tokenizer file", [*SAMPLE_ARGS, "--dataset={lm_bad_tok}"], ["tokenizer.tiktoken", "gpt2 tokenizer"]),
+    ("torn tokenizer file", [*SAMPLE_ARGS, "--dataset={lm_bad_tok}"], ["tokenizer.json", "neox tokenizer"]),
     ("a preset that runs code", ["{preset_exit_py}", *SAMPLE_ARGS], ["preset_exit.py:1", "only `config"]),
 ]
 
@@ -470,17 +469,19 @@ def test_bench(args, needles, world, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- data/prepare.py
-TS = ["tinystories", "--train={ts_src}/train.txt", "--val={ts_src}/val.txt", "--tokenizer={r50k_base_tiktoken}",
+# each tinystories case stops before its tokenizer is read, so any file serves; one that reads it must fail
+TS = ["tinystories", "--train={ts_src}/train.txt", "--val={ts_src}/val.txt", "--tokenizer={bytes_tiktoken}",
+      "--out={prepared}"]
+WT = ["wikitext", "--valid={ts_src}/wiki10.tokens", "--test={ts_src}/wiki.tokens", "--tokenizer={neox_json}",
       "--out={prepared}"]
 PREPARE = [
     ("no dataset named", [], ["name the dataset first"]),
     ("unknown dataset", ["wikitext2"], ["'wikitext2'", "tinystories"]),
     ("unknown flag", [*TS, "--nope=1"], ["'nope'", "PrepareConfig"]),
     ("missing text file", ["tinystories", "--train={w}/nope.txt", "--val={ts_src}/val.txt"], ["nope.txt", "not a file"]),
-    ("text not UTF-8 (an existing dataset stays whole)", [*TS[:1], "--train={latin1_txt}", *TS[2:]],
+    ("text not UTF-8 (an existing dataset stays whole)", [*WT[:1], "--valid={latin1_txt}", *WT[2:]],
      ["latin1.txt", "not UTF-8"]),
-    ("tokenizer that is not r50k_base", [*TS[:3], "--tokenizer={r50k_torn_tiktoken}", "--out={prepared}"],
-     ["r50k_torn.tiktoken", "r50k_base"]),
+    ("tokenizer that is not r50k_base", TS, ["bytes.tiktoken", "r50k_base"]),
     ("tokenizer.json that is not one", ["wikitext", "--valid={ts_src}/wiki.tokens", "--test={ts_src}/wiki.tokens",
                                         "--tokenizer={notes_txt}", "--out={w}/wt"], ["notes.txt", "neox tokenizer"]),
     ("too few articles to split", ["wikitext", "--valid={ts_src}/wiki.tokens", "--test={ts_src}/wiki.tokens",

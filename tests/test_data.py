@@ -1,6 +1,7 @@
-"""The language-model data path: both tokenizers offline, data/prepare.py end to end on slices of the real
-text in ../shared/data, train.py on token files (eval metrics, exact resume, one-line errors, 2-rank gloo,
-init_from a tiny random GPT-NeoX directory) and sample.py. CPU, no network."""
+"""The language-model data path: data/prepare.py end to end on generated WikiText-like articles with a BPE
+trained on them, train.py on its token files (eval metrics, exact resume, one-line errors, 2-rank gloo,
+init_from a tiny random GPT-NeoX directory) and sample.py; and, where ../shared/data is beside the repository,
+both real tokenizers offline and data/prepare.py on slices of the real TinyStories text. CPU, no network."""
 
 import json
 import math
@@ -17,21 +18,22 @@ from conftest import once
 import train
 from evaluate import evaluate_lm
 from model import GPT, GPTConfig
-from utils import EOT, gpt2_tokenizer, load_tokenizer, load_tokens, neox_tokenizer
+from conftest import write_bpe, write_tiktoken
+from utils import (EOT, ConfigError, gpt2_tokenizer, load_codec, load_tokenizer, load_tokens, neox_tokenizer,
+                   staged_dir)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared", "data")
 TS_TRAIN = os.path.join(SHARED, "tinystories", "tinystories_train_head.txt")
 TS_VALID = os.path.join(SHARED, "tinystories", "tinystories_valid_head.txt")
 WT_VALID = os.path.join(SHARED, "wikitext", "wikitext-103", "wiki.valid.tokens")
-WT_TEST = os.path.join(SHARED, "wikitext", "wikitext-103", "wiki.test.tokens")
 GPT2_FILE = os.path.join(SHARED, "tokenizers", "gpt2", "r50k_base.tiktoken")
 GPT2_HF = os.path.join(SHARED, "tokenizers", "gpt2", "tokenizer.json")
 NEOX_FILE = os.path.join(SHARED, "tokenizers", "gpt-neox", "tokenizer.json")
-if not os.path.isdir(SHARED):
-    pytest.skip("../shared/data is not here", allow_module_level=True)
+needs_shared = pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/data (the real GPT-2 and GPT-NeoX "
+                                  "BPE files, TinyStories and WikiText text) is not beside the repository")
 
-TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=8", "--vocab_size=50304",
+TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=8", "--vocab_size=512",
         "--codebook_sites=attn_heads", "--k=2", "--num_codes=16", "--codebook_start=0", "--kmeans_init=false",
         "--replace_after=0", "--eval_interval=2", "--log_interval=2", "--eval_iters=2", "--device=cpu"]
 
@@ -63,13 +65,6 @@ def is_title(line):  # a top-level WikiText title, ` = Title = `, written withou
     return line.startswith(" = ") and not line.startswith(" = =") and line.endswith(" = ") and not line.endswith("= = ")
 
 
-def wikitext_slice(path, n_articles):
-    """The text of the first n_articles articles of a .tokens file (with the blank line before the first)."""
-    lines = read(path).splitlines(keepends=True)
-    starts = [i for i, l in enumerate(lines) if is_title(l.rstrip("\n"))]
-    return "".join(lines[: starts[n_articles]])
-
-
 @pytest.fixture(scope="module")
 def ts(tmp_path_factory):
     """A prepared TinyStories slice: (data dir, train text, val text)."""
@@ -85,16 +80,30 @@ def ts(tmp_path_factory):
     return out, train_text, val_text
 
 
+WORDS = "the a an dragon king castle baby flower sea ship river old new saw found went with and of in on by".split()
+
+
+def wikitext_like(n_articles, seed):
+    """n_articles of random words laid out as WikiText-103's .tokens files are: a blank ` ` line first, then per
+    article a ` = Title = ` line, ` = = Section = = ` subheadings and ` @-@ ` joins, lines ending ` \\n`."""
+    rng = np.random.default_rng(seed)
+    para = lambda: " ".join(rng.choice(WORDS, 40)) + " @-@ old . \n \n"  # noqa: E731
+    return " \n" + "".join(f" = Article {seed} {i} = \n \n {para()} = = Section {i} = = \n \n {para()}"
+                            for i in range(n_articles))
+
+
 @pytest.fixture(scope="module")
 def wt(tmp_path_factory):
-    """A prepared WikiText slice (20 valid articles, 3 test articles): (data dir, valid text, test text)."""
+    """Generated WikiText-like articles (20 valid, 3 test) prepared by data/prepare.py with a BPE trained on
+    them (conftest.write_bpe): (data dir, valid text, test text); also the data of train.py's tests."""
     src = tmp_path_factory.mktemp("wt_src")
-    valid, test = wikitext_slice(WT_VALID, 20), wikitext_slice(WT_TEST, 3)
+    valid, test = wikitext_like(20, 0), wikitext_like(3, 1)
     (src / "wiki.valid.tokens").write_text(valid, encoding="utf-8")
     (src / "wiki.test.tokens").write_text(test, encoding="utf-8")
+    tok = write_bpe(src / "tokenizer.json", valid + test)
     out = tmp_path_factory.mktemp("wt")
     r = run("data/prepare.py", ["wikitext", f"--valid={src / 'wiki.valid.tokens'}",
-                                f"--test={src / 'wiki.test.tokens'}", f"--tokenizer={NEOX_FILE}", f"--out={out}"])
+                                f"--test={src / 'wiki.test.tokens'}", f"--tokenizer={tok}", f"--out={out}"])
     assert r.returncode == 0, r.stderr
     return out, valid, test
 
@@ -112,6 +121,7 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
+@needs_shared
 def test_gpt2_tokenizer_offline(no_network):
     enc = gpt2_tokenizer(GPT2_FILE)
     assert enc.encode_ordinary("Hello world") == [15496, 995]
@@ -124,6 +134,7 @@ def test_gpt2_tokenizer_offline(no_network):
     assert Tokenizer.from_file(GPT2_HF).encode(text).ids == ids
 
 
+@needs_shared
 def test_neox_tokenizer_offline(no_network):
     tok = neox_tokenizer(NEOX_FILE)
     assert tok.encode("Hello world").ids == [12092, 1533]
@@ -133,13 +144,34 @@ def test_neox_tokenizer_offline(no_network):
 
 
 def test_gpt2_tokenizer_rejects_another_file(tmp_path):
-    bad = tmp_path / "bad.tiktoken"
-    bad.write_bytes(open(GPT2_FILE, "rb").read()[:-100])
-    with pytest.raises(ValueError):
-        gpt2_tokenizer(str(bad))
+    """A valid .tiktoken file that is not r50k_base (tiktoken's sha256 differs) is refused; a dataset naming it
+    gets one line that names the file."""
+    path = str(write_tiktoken(tmp_path / "bytes.tiktoken"))
+    with pytest.raises(ValueError, match="[Hh]ash"):
+        gpt2_tokenizer(path)
+    with pytest.raises(ConfigError, match="bytes.tiktoken as the gpt2 tokenizer"):
+        load_codec("gpt2", path)
+
+
+def test_staged_dir_keeps_the_earlier_result_on_error(tmp_path):
+    """staged_dir, which data/prepare.py writes a dataset through: an error inside leaves `path` as it was and
+    no staging directory behind; a completed block replaces `path` as a whole."""
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "meta.json").write_text("old")
+    with pytest.raises(ConfigError):
+        with staged_dir(str(out)) as tmp:
+            open(os.path.join(tmp, "meta.json"), "w").write("half")
+            raise ConfigError("a failure half way")
+    assert os.listdir(tmp_path) == ["data"] and os.listdir(out) == ["meta.json"]
+    assert (out / "meta.json").read_text() == "old"
+    with staged_dir(str(out)) as tmp:
+        open(os.path.join(tmp, "train.bin"), "wb").write(b"new")
+    assert os.listdir(tmp_path) == ["data"] and os.listdir(out) == ["train.bin"]
 
 
 # ---------------------------------------------------------------------------------------------- prepare.py
+@needs_shared
 def test_prepare_tinystories(ts):
     out, train_text, val_text = ts
     codec, meta = load_tokenizer(out)
@@ -165,7 +197,8 @@ def test_prepare_tinystories(ts):
 def test_prepare_wikitext_splits_at_article_boundaries(wt):
     out, valid, test = wt
     codec, meta = load_tokenizer(out)
-    assert meta["tokenizer"] == "neox" and meta["vocab_size"] == 50277 and meta["eot_token"] == 0
+    assert meta["tokenizer"] == "neox" and meta["vocab_size"] == codec.vocab_size <= 384 and meta["eot_token"] == 0
+    assert (out / "tokenizer.json").exists()
     arts = {}
     for split in ("train", "val", "test"):
         ids = tokens(out / f"{split}.bin")
@@ -187,12 +220,14 @@ def test_prepare_wikitext_splits_at_article_boundaries(wt):
 
 
 def test_prepare_errors_are_one_line(tmp_path):
-    r = run("data/prepare.py", ["tinystories", f"--train={tmp_path / 'nope.txt'}", f"--val={TS_VALID}",
-                                f"--tokenizer={GPT2_FILE}", f"--out={tmp_path / 'o'}"])
+    text, tok = tmp_path / "val.txt", write_tiktoken(tmp_path / "bytes.tiktoken")  # both are read after the error
+    text.write_text("Once upon a time, a dog ran.\n")
+    r = run("data/prepare.py", ["tinystories", f"--train={tmp_path / 'nope.txt'}", f"--val={text}",
+                                f"--tokenizer={tok}", f"--out={tmp_path / 'o'}"])
     assert_one_line_error(r, "nope.txt")
-    r = run("data/prepare.py", ["wikitext", f"--valid={WT_VALID}", f"--out={tmp_path / 'o'}"])
+    r = run("data/prepare.py", ["wikitext", f"--valid={text}", f"--out={tmp_path / 'o'}"])
     assert_one_line_error(r, "--test")
-    r = run("data/prepare.py", ["tinystories", f"--tokenizer={GPT2_FILE}", f"--out={tmp_path / 'o'}"],
+    r = run("data/prepare.py", ["tinystories", f"--tokenizer={tok}", f"--out={tmp_path / 'o'}"],
             HF_HUB_OFFLINE="1")  # nothing given: it would download; offline it says so
     assert_one_line_error(r, "offline", "--train=")
     r = run("data/prepare.py", ["pythia", "--model=EleutherAI/pythia-70m-deduped", f"--out={tmp_path / 'p'}"],
@@ -217,8 +252,8 @@ def evals(out):
     return [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines() if "eval" in l]
 
 
-def test_lm_training_logs_eval_metrics_and_samples(ts, tmp_path):
-    data, _, _ = ts
+def test_lm_training_logs_eval_metrics_and_samples(wt, tmp_path):
+    data, _, _ = wt
     out = tmp_path / "run"
     r = run("train.py", [*TINY, f"--dataset={data}", "--max_iters=4", f"--out_dir={out}"])
     assert r.returncode == 0, r.stderr
@@ -233,7 +268,7 @@ def test_lm_training_logs_eval_metrics_and_samples(ts, tmp_path):
         assert math.isclose(m["dloss"], m["loss"] - m["loss_nocb"], abs_tol=1e-6)
         assert m["dloss"] != 0  # the codebooks are on, so bypassing them changes the loss
     ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False)
-    assert ckpt["train_config"]["dataset"] == str(data) and ckpt["model_config"]["vocab_size"] == 50304
+    assert ckpt["train_config"]["dataset"] == str(data) and ckpt["model_config"]["vocab_size"] == 512
 
     r = run("sample.py", [f"--out_dir={out}", "--start=Once upon a time", "--num_samples=2", "--max_new_tokens=5"])
     assert r.returncode == 0, r.stderr
@@ -242,11 +277,11 @@ def test_lm_training_logs_eval_metrics_and_samples(ts, tmp_path):
     assert r.returncode == 0, r.stderr
 
 
-def test_lm_eval_windows_are_fixed(ts):
+def test_lm_eval_windows_are_fixed(wt):
     """Two evaluations of the same weights see the same windows; bypass flags are restored after dloss."""
-    data, _, _ = ts
-    train_data, val = load_tokens(str(data), 32, 50304)
-    model = GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=32, vocab_size=50304,
+    data, _, _ = wt
+    train_data, val = load_tokens(str(data), 32, 512)
+    model = GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=32, vocab_size=512,
                           codebook_sites="attn_heads", k=2, num_codes=16))
     ix = torch.randint(len(val) - 32, (8,), generator=torch.Generator().manual_seed(1234))
     off = torch.autocast("cpu", enabled=False)
@@ -256,8 +291,8 @@ def test_lm_eval_windows_are_fixed(ts):
     assert not any(cb.bypass for _, cb in model.codebooks()) and model.training
 
 
-def test_lm_resume_equals_straight_run(ts, tmp_path):
-    data, _, _ = ts
+def test_lm_resume_equals_straight_run(wt, tmp_path):
+    data, _, _ = wt
     args = [*TINY, f"--dataset={data}", "--kmeans_init=true", "--replace_after=2"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run("train.py", [*args, "--max_iters=4", f"--out_dir={straight}"]).returncode == 0
@@ -269,7 +304,7 @@ def test_lm_resume_equals_straight_run(ts, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-def write_tokens(d, ids, vocab_size=50257):
+def write_tokens(d, ids, vocab_size=512):
     d.mkdir()
     for split in ("train", "val"):
         np.asarray(ids, dtype=np.uint16).tofile(d / f"{split}.bin")
@@ -277,8 +312,8 @@ def write_tokens(d, ids, vocab_size=50257):
     return d
 
 
-def test_lm_data_errors_are_one_line(ts, tmp_path):
-    data, _, _ = ts
+def test_lm_data_errors_are_one_line(wt, tmp_path):
+    data, _, _ = wt
     go = lambda *a: run("train.py", [*TINY, "--max_iters=1", f"--out_dir={tmp_path / 'run'}", *a])  # noqa: E731
     assert_one_line_error(go(f"--dataset={tmp_path / 'nowhere'}"), "nowhere", "data/prepare.py")
     no_val = write_tokens(tmp_path / "no_val", range(100))
@@ -286,7 +321,8 @@ def test_lm_data_errors_are_one_line(ts, tmp_path):
     assert_one_line_error(go(f"--dataset={no_val}"), "val.bin", "data/prepare.py")
     short = write_tokens(tmp_path / "short", range(20))
     assert_one_line_error(go(f"--dataset={short}"), "has 20 tokens", "block_size=32", "33")
-    assert_one_line_error(go(f"--dataset={data}", "--vocab_size=1000"), "50257", "raise vocab_size")
+    n_vocab = str(load_tokenizer(data)[1]["vocab_size"])
+    assert_one_line_error(go(f"--dataset={data}", "--vocab_size=100"), n_vocab, "raise vocab_size")
     big = write_tokens(tmp_path / "big", [5] * 99 + [60000], vocab_size=100)
     assert_one_line_error(go(f"--dataset={big}", "--vocab_size=128"), "token id 60000", "vocab_size=128")
     assert not (tmp_path / "run" / "ckpt.pt").exists()
@@ -306,8 +342,8 @@ def test_get_batch_windows_and_ranks(tmp_path):
     assert not set(x0[:, 0].tolist()) & set(x1[:, 0].tolist())  # ranks read different windows
 
 
-def test_lm_ddp_two_ranks(ts, tmp_path):
-    data, _, _ = ts
+def test_lm_ddp_two_ranks(wt, tmp_path):
+    data, _, _ = wt
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
            *TINY, f"--dataset={data}", "--max_iters=4", f"--out_dir={out}"]
@@ -320,7 +356,7 @@ def test_lm_ddp_two_ranks(ts, tmp_path):
 # ---------------------------------------------------------------------------------------------- init_from Pythia
 def tiny_neox_dir(path):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPTNeoXConfig(vocab_size=50304, hidden_size=32, num_attention_heads=2, num_hidden_layers=2,
+    cfg = transformers.GPTNeoXConfig(vocab_size=512, hidden_size=32, num_attention_heads=2, num_hidden_layers=2,
                                      intermediate_size=64, rotary_pct=0.25, max_position_embeddings=64,
                                      use_parallel_residual=True, tie_word_embeddings=False)
     hf = transformers.GPTNeoXForCausalLM(cfg)
@@ -342,7 +378,7 @@ def test_init_from_pythia_dir_trains_with_codebooks(wt, tmp_path):
     ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False)
     c = ckpt["model_config"]
     assert (c["pos_emb"], c["n_layer"], c["vocab_size"], c["block_size"], c["codebook_sites"]) == \
-        ("rotary", 2, 50304, 32, "attn_heads")
+        ("rotary", 2, 512, 32, "attn_heads")
     sd = ckpt["model"]
     assert sd["transformer.h.1.codebooks.attn_heads.codes"].shape == (2, 16, 16)  # one codebook per head, every layer
     assert sd["transformer.h.0.codebooks.attn_heads.counts"].sum() > 0

@@ -24,7 +24,6 @@ import train  # noqa: E402
 from conftest import write_tokens  # noqa: E402
 from codebook import CodebookLayer  # noqa: E402
 
-GPT2_TIKTOKEN = os.path.join(ROOT, "..", "shared", "data", "tokenizers", "gpt2", "r50k_base.tiktoken")
 TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=16", "--batch_size=8", "--eval_seqs=16",
         "--eval_samples=8", "--codebook_sites=attn_heads,mlp", "--num_codes=32", "--device=cpu"]
 TOKENS_VOCAB = 64  # the token datasets below: ids < 64, a model with vocab_size=64

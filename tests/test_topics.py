@@ -2,12 +2,11 @@
 a tiny random language model, and LM ablation through steer.py."""
 
 import json
-import os
 from dataclasses import asdict
 from types import SimpleNamespace
 
 import pytest
-from conftest import GPT2_FILE, write_gpt2_dataset
+from conftest import write_lm_dataset
 import torch
 
 import steer
@@ -79,11 +78,10 @@ def test_topic_steering_mechanics():
     assert res["dragon"]["steered"] == 1.0 and res["dragon"]["baseline"] < 0.5
 
 
-@pytest.mark.skipif(not os.path.isfile(GPT2_FILE), reason="../shared/data tokenizers are not here")
 def test_cli_language_model_topics_and_ablation(tmp_path, capsys):
     """The TinyStories path end to end on a tiny random model and a toy token file: mechanics only."""
-    data = write_gpt2_dataset(tmp_path / "data", "Once upon a time there was a dragon and a king. " * 40)
-    model = GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=16, vocab_size=50257,
+    data = write_lm_dataset(tmp_path / "data", "Once upon a time there was a dragon and a king. " * 40)
+    model = GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=16, vocab_size=384,
                           codebook_sites="attn_heads", num_codes=16, k=2))
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT
 
+import analyze
 import sae
 from analyze import fsm_readouts, mlp_neurons, neuron_baseline
 from fsm import TokFSM
@@ -138,13 +139,21 @@ def test_training_sets_the_variance_and_keeps_unit_decoder_rows(trained):
 
 @pytest.fixture(scope="module")
 def read(trained):
-    """The readouts of the trained SAEs spliced in (and taken out again afterwards)."""
+    """The readouts of the trained SAEs spliced in (and taken out again afterwards), and for each reading of the MLP
+    neurons whether every SAE was bypassed then."""
     model, fsm, saes, cfg, _ = trained
+    seen, real = [], analyze.mlp_neurons
+
+    def spy(*args, **kwargs):
+        seen.append(all(s.bypass for s in saes))
+        return real(*args, **kwargs)
     for s in saes:
         s.bypass = False
+    analyze.mlp_neurons = sae.mlp_neurons = spy
     try:
-        return sae.readouts(model, fsm, saes, cfg)
+        return sae.readouts(model, fsm, saes, cfg), seen
     finally:
+        analyze.mlp_neurons = sae.mlp_neurons = real
         for s in saes:
             s.bypass = True
 
@@ -153,7 +162,7 @@ def test_bypassed_saes_leave_the_model_untouched_and_spliced_ones_reconstruct(tr
     model, fsm, saes, cfg, (x, y, plain) = trained
     assert all(s.bypass for s in saes)
     assert torch.equal(model(x, y)[0], plain)
-    res = read
+    res = read[0]
     d = res["dictionary"]
     assert set(d) == {"h.0.mlp", "h.1.mlp", "total"} and 0 <= d["total"]["fvu"] < 0.5  # trained: most variance kept
     assert d["total"]["recovered"] > 0.5 and d["total"]["loss_bypass"] == pytest.approx(
@@ -171,7 +180,8 @@ def test_neurons_are_read_on_the_model_without_saes(trained, read):
     plain = copy.deepcopy(model)
     for block in plain.transformer.h:
         block.codebooks = torch.nn.ModuleDict()
-    res = read
+    res, seen = read
+    assert seen == [True, True]  # both baselines read the neurons with every SAE out
     x, _ = fsm.eval_set(cfg.num_seqs, 16)
     rows, cols, labels = fsm_readouts(x, fsm)["state"]
     acts = mlp_neurons(plain, x, rows, cols)

@@ -5,6 +5,7 @@ count them, match them to concepts (FSM states, regexes over text) and compare t
     python analyze.py --out_dir=out                                # a TokFSM run: everything below, in out/analysis
     python analyze.py --out_dir=out --codes=out/analysis/codes.pt  # reuse collected codes (no model run for them)
     python analyze.py --out_dir=out-tinystories --regex=" dragon"  # an LM run: concept search for a regex
+    python analyze.py --out_dir=out --ref_dir=out-nocb             # + loss recovered against a run without codebooks
 
 Outputs in save_dir (default <out_dir>/analysis), written to a temporary directory that replaces save_dir as a
 whole only when every output is complete: codes.pt (token ids and chosen code ids, int16/int32, reloadable with
@@ -38,7 +39,7 @@ from typing import Optional
 import torch
 
 import report
-from evaluate import dictionary_metrics
+from evaluate import dictionary_metrics, mean_ce
 from fsm import TokFSM
 from utils import (ConfigError, cli, is_device, is_out_dir, is_regex, lm_batches, load_run, load_tokenizer, load_tokens,
                    parse_config, progress, read_json, read_torch, spec, staged_dir, validate, vocab_strings)
@@ -59,6 +60,7 @@ class AnalyzeConfig:
     top: int = spec(5, ">= 1")  # codes listed per concept
     html_codes: int = spec(100, ">= 0")  # codes per book in the browser (the most frequent)
     contexts: int = spec(3, ">= 0")  # contexts shown per code
+    ref_dir: str = ""  # a run without codebooks on the same data: its loss is L_ref of recovered_vs_ref (evaluate.py)
     device: str = spec("auto", check=is_device)
 
     def __post_init__(self):
@@ -359,6 +361,18 @@ def collect(cfg, model, batches):
     return collect_codes(model, [x for x, _ in batches], next(model.parameters()).device)
 
 
+def reference_loss(ref_dir, train_config, model, batches, device):
+    """The loss (nats/token) on `batches` of the run in ref_dir, which must be a run without codebooks on the data of
+    `model` and its train_config (the analysed run's)."""
+    ckpt, ref = load_run(ref_dir, device)
+    tc = ckpt["train_config"]
+    same = all(tc.get(k) == train_config.get(k) for k in ("dataset", "num_states", "num_edges", "fsm_seed"))
+    if ref.codebooks() or not same or (ref.config.block_size, ref.config.vocab_size) != (model.config.block_size,
+                                                                                         model.config.vocab_size):
+        raise ConfigError(f"--ref_dir={ref_dir} must be a run without codebooks on the analysed run's data")
+    return mean_ce(ref, batches)[0]
+
+
 def main(argv):
     cfg = parse_config(argv, AnalyzeConfig)
     ckpt, model = load_run(cfg.out_dir, cfg.device)
@@ -370,10 +384,15 @@ def main(argv):
     if fsm is None:  # the tokenizer first: fail before the model runs
         tok = vocab_strings(load_tokenizer(cfg.dataset or tc["dataset"])[0])
     batches = eval_batches(cfg, ckpt, model, fsm)
+    loss_ref = reference_loss(cfg.ref_dir, tc, model, batches, cfg.device) if cfg.ref_dir else None
     col = collect(cfg, model, batches)
     col_books = model.books()
     print(f"codes of {col['tokens'].numel():,} tokens at {len(col['codes'])} codebooks ({len(col_books)} books)")
-    dictionary = dictionary_metrics(model, batches)  # L0, FVU, dead, CE loss recovered, per codebook and in total
+    dictionary = dictionary_metrics(model, batches, loss_ref=loss_ref)  # L0, FVU, dead, CE loss recovered
+    if loss_ref is not None:
+        t = dictionary["total"]
+        print(f"loss {t['loss']:.4f}, {cfg.ref_dir} (no codebooks) {loss_ref:.4f}, zeroed {t['loss_zero']:.4f}: "
+              f"loss recovered against it {t['recovered_vs_ref']:.3f}")
     with staged_dir(cfg.save_dir) as out:  # every output, or none: save_dir is replaced only when all are written
         torch.save(col, os.path.join(out, "codes.pt"))
         col["books"] = col_books

@@ -12,9 +12,15 @@ steer.py (ablations) and analyze.py:
   live in (after the codebook's LayerNorm), and CE loss recovered = (L_zero - L) / (L_zero - L_bypass): L with the
   codes, L_zero with the codebook's output zeroed, L_bypass with the codebook bypassed (1 = the codes lose nothing,
   0 = no better than deleting the site). L0, the codes per token, is k per group.
+
+A codebook model is trained with its codes, so L_bypass is a network it has not run since the switch (hence
+recovered > 1), while for an SAE L_bypass is the original model. `recovered_vs_ref` = (L_zero - L) / (L_zero - L_ref)
+puts both on one footing: L_ref is the loss of a reference model on the same data, the matching model trained without
+codebooks (analyze.py's --ref_dir); for an SAE spliced into that model, L_ref = L_bypass and the two ratios agree.
 """
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -111,15 +117,17 @@ def mean_ce(model, batches, autocast=None, each=None):
 
 
 def recovered(loss, loss_bypass, loss_zero):
-    """CE loss recovered (module docstring); NaN when zeroing costs nothing."""
+    """CE loss recovered (module docstring); NaN when zeroing costs nothing. Pass a reference model's loss as
+    loss_bypass for recovered_vs_ref."""
     return (loss_zero - loss) / (loss_zero - loss_bypass) if loss_zero != loss_bypass else math.nan
 
 
 @torch.no_grad()
-def dictionary_metrics(model, batches, autocast=None, per_codebook=True):
+def dictionary_metrics(model, batches, autocast=None, per_codebook=True, loss_ref=None):
     """L0, FVU, dead and alive % and CE loss recovered (module docstring) of every codebook that is on, alone (the
-    others kept), and of all of them together ("total"). batches: a list of (x, y). Costs 1 + 2 * (codebooks + 1)
-    passes over the batches."""
+    others kept), and of all of them together ("total"). batches: a list of (x, y). loss_ref: the loss (nats/token)
+    of a reference model on the same batches; "total" then has loss_ref and recovered_vs_ref. Costs
+    1 + 2 * (codebooks + 1) passes over the batches."""
     with Recorder(model) as rec:
         loss, _ = mean_ce(model, batches, autocast)
     names = [n for n, _ in rec.books] if per_codebook else []
@@ -133,17 +141,33 @@ def dictionary_metrics(model, batches, autocast=None, per_codebook=True):
         out[name or "total"] = {"L0": dict(rec.books)[name].k if name else None, "fvu": rec.fvu(name),
                                 "dead_pct": dead, "alive_pct": 100 - dead, "loss": loss, "loss_bypass": lb,
                                 "loss_zero": lz, "recovered": recovered(loss, lb, lz)}
+    if loss_ref is not None:
+        out["total"].update(loss_ref=loss_ref, recovered_vs_ref=recovered(loss, loss_ref, out["total"]["loss_zero"]))
     return out
 
 
+def in_eval_mode(fn):
+    """fn(model, ...) run with the model in eval mode (no usage counts, no k-means, no dropout), which is then given
+    back in the mode, train or eval, it came in, also when fn raises."""
+    @functools.wraps(fn)
+    def run(model, *args, **kwargs):
+        was_training = model.training
+        model.eval()
+        try:
+            return fn(model, *args, **kwargs)
+        finally:
+            model.train(was_training)
+    return run
+
+
+@in_eval_mode
 @torch.no_grad()
 def evaluate_fsm(model, fsm, eval_x, eval_y, samples=1000, seed=1337, autocast=None, batch=256):
     """TokFSM metrics on the fixed eval set eval_x, eval_y (n, T), and of `samples` sequences sampled from BOS.
 
     Returns {"loss" (nats/token), "acc", "valid_mass", "valid", "first" (fractions), "dead_pct" (%), "fvu",
     "recovered"}; valid and first are NaN when the loss is not finite (sampling needs finite logits), fvu and
-    recovered when no codebook is on."""
-    model.eval()
+    recovered when no codebook is on. Runs in eval mode; the model is left in the mode it came in."""
     batches = list(zip(eval_x.split(batch), eval_y.split(batch)))
     mass = []
     with Recorder(model) as rec:
@@ -163,17 +187,17 @@ def evaluate_fsm(model, fsm, eval_x, eval_y, samples=1000, seed=1337, autocast=N
             out = model.generate(bos, model.config.block_size - 1, temperature=1.0,
                                  generator=torch.Generator(device=device).manual_seed(seed))
         m["valid"], m["first"] = fsm.transition_accuracy(out.cpu())
-    model.train()
     return m
 
 
+@in_eval_mode
 @torch.no_grad()
 def evaluate_lm(model, val, eval_ix, batch, autocast=None):
     """Language-model metrics on the fixed val windows at offsets eval_ix of the token array `val`.
 
     Returns {"loss", "acc", "ppl", "loss_nocb", "dloss", "dead_pct", "fvu", "recovered"}: dloss = loss - loss_nocb,
-    the loss with every codebook bypassed (0 while they all are, e.g. before codebook_start)."""
-    model.eval()
+    the loss with every codebook bypassed (0 while they all are, e.g. before codebook_start). Runs in eval mode; the
+    model is left in the mode it came in."""
     batches = [token_windows(val, eval_ix[s : s + batch], model.config.block_size)
                for s in range(0, len(eval_ix), batch)]
     with Recorder(model) as rec:
@@ -184,7 +208,6 @@ def evaluate_lm(model, val, eval_ix, batch, autocast=None):
             loss_nocb, _ = mean_ce(model, batches, autocast)
         with zeroed(model):
             rec_ = recovered(loss, loss_nocb, mean_ce(model, batches, autocast)[0])
-    model.train()
     ppl = math.exp(min(loss, 709.0))  # exp overflows a float past 709.78
     return {"loss": loss, "acc": acc, "ppl": ppl, "loss_nocb": loss_nocb, "dloss": loss - loss_nocb,
             "dead_pct": rec.dead_pct(), "fvu": rec.fvu(), "recovered": rec_}

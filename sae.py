@@ -13,10 +13,14 @@ Per site, on activations x (N, G, d) (G = n_head for the heads' outputs, else 1)
     z_pre = (x - b_dec) W_enc^T + b_enc          # (N, G, M)
     z     = ReLU(TopK(z_pre, k))                 # the k largest pre-activations kept, negative ones zeroed
     x_hat = z W_dec + b_dec                      # W_dec's rows (the latents' directions) have unit norm
-    loss  = MSE(x_hat, x) + aux_coef * MSE(e_hat, x - x_hat)
+    loss  = MSE(x_hat, x) / var(x) + aux_coef * MSE(e_hat, r) / var(r),   r = x - x_hat
 AuxK (Gao et al., Section A.2): e_hat = the same decoding of the top-k_aux pre-activations among the latents dead for
-`dead_after` steps, which pushes dead latents towards what the live ones miss. Init as theirs: W_enc = W_dec, unit
-random directions, b_dec = the mean of the first batch; the decoder rows are renormalised after every Adam step.
+`dead_after` steps, which pushes dead latents towards what the live ones miss. As in their reference training code
+(github.com/openai/sparse_autoencoder, train.py): var(x) is the variance of the data (per group, from the first
+batch; the loss is then the FVU), var(r) that of the batch's residual, and the component of each decoder row's
+gradient parallel to the row is removed before the Adam step, after which the rows are renormalised to unit norm.
+Init as theirs: W_enc = W_dec, unit random directions, b_dec = the mean of the first batch (theirs: the geometric
+median of a sample).
 A latent "fires" at a token when it is among the top k with a positive value: its index then plays the part of a
 code (analyze.py's readouts), and "dead" means it never fires on the eval set.
 
@@ -66,6 +70,7 @@ class SAELayer(nn.Module):
         self.W_enc = nn.Parameter(self.codes.detach().clone())  # (G, M, d)
         self.b_enc = nn.Parameter(torch.zeros(groups, num_latents))
         self.b_dec = nn.Parameter(torch.zeros(groups, d))
+        self.register_buffer("var", torch.ones(groups))  # (G,) the data's variance per group, set by train_saes
         self.ln, self.bypass, self.latent_hook, self.recon_loss = None, True, None, None
         self.last_indices = self.last_input = self.last_latents = None
 
@@ -100,16 +105,26 @@ class SAELayer(nn.Module):
         return self.decode(idx, values).view(x.shape)
 
     def loss(self, a, dead=None, aux_coef=1 / 32, k_aux=32):
-        """The training loss on activations a (N, G, d): MSE of the reconstruction, plus AuxK when `dead` (G, M)
-        bool marks dead latents. Returns (loss, latents that fired (N, G, k) ids)."""
+        """The training loss on activations a (N, G, d), averaged over the groups: MSE of the reconstruction over
+        self.var, plus AuxK (its MSE over the residual's variance in this batch) when `dead` (G, M) bool marks dead
+        latents (module docstring). Returns (loss, latents that fired (N, G, k) ids)."""
         idx, values, z_pre = self.encode(a)
         x_hat = self.decode(idx, values)
-        loss = F.mse_loss(x_hat, a)
+        loss = ((x_hat - a).square().mean((0, 2)) / self.var).mean()
         if dead is not None and dead.any() and aux_coef > 0:
             top = z_pre.masked_fill(~dead.unsqueeze(0), float("-inf")).topk(min(k_aux, int(dead.sum(1).max())), -1)
             e_hat = self.decode(top.indices, F.relu(top.values).nan_to_num(0.0)) - self.b_dec
-            loss = loss + aux_coef * F.mse_loss(e_hat, (a - x_hat).detach())
+            r = (a - x_hat).detach()  # (N, G, d) what the live latents miss
+            aux = (e_hat - r).square().mean((0, 2)) / (r - r.mean(0)).square().mean((0, 2))  # (G,)
+            loss = loss + aux_coef * aux.nan_to_num(0.0).mean()
         return loss, torch.where(values > 0, idx, -1)
+
+    @torch.no_grad()
+    def project_decoder_grad_(self):
+        """Remove from each decoder row's gradient its component along the (unit) row: to first order a step then
+        turns the direction and leaves its norm, which normalize_ keeps at 1."""
+        u = F.normalize(self.codes, dim=-1)  # (G, M, d)
+        self.codes.grad -= (self.codes.grad * u).sum(-1, keepdim=True) * u
 
     @torch.no_grad()
     def normalize_(self):
@@ -161,10 +176,12 @@ def train_saes(model, fsm, saes, cfg, log_every=500):
             model(x.to(next(model.parameters()).device))  # the bypassed SAEs record their inputs
         total = 0.0
         for s, idle in zip(saes, since):
-            if step == 0:
+            if step == 0:  # the first batch sets b_dec and the variance that normalises the loss
                 s.b_dec.data.copy_(s.last_input.mean(0))
+                s.var.copy_((s.last_input - s.last_input.mean(0)).square().mean((0, 2)).clamp(min=1e-12))
             loss, fired = s.loss(s.last_input, idle.to(s.codes.device) >= cfg.dead_after, cfg.aux_coef)
             loss.backward()
+            s.project_decoder_grad_()
             hit = torch.zeros_like(idle, dtype=torch.bool).view(-1)
             hit[s.flat_indices(fired)[fired >= 0].cpu()] = True
             idle.add_(1).masked_fill_(hit.view_as(idle), 0)
@@ -227,7 +244,8 @@ def readouts(model, fsm, saes, cfg):
     dev = next(model.parameters()).device
     col = collect_codes(model, x.split(256), dev)
     col["books"] = model.books()
-    summary, _, _ = fsm_analysis(col, fsm, model, dev)
+    with bypassed(model):  # the latents were read above; the neurons are those of the model itself, SAEs out
+        summary, _, _ = fsm_analysis(col, fsm, model, dev)
     dictionary = dictionary_metrics(model, list(zip(x.split(256), y.split(256))))
     swap = {p: sae_swap(model, fsm, saes, cfg.pairs, cfg.seed, p) for p in ("state", "state+next")}
     with bypassed(model):  # the neurons as a dictionary of their own: each state's best neuron at recall 0.9

@@ -189,6 +189,27 @@ def test_cli_fsm_writes_everything(tmp_path):
     analyze.main([f"--out_dir={tmp_path / 'run'}", f"--save_dir={out}", f"--codes={out / 'codes.pt'}", "--device=cpu"])
 
 
+def test_cli_loss_recovered_against_a_reference_run(tmp_path):
+    """--ref_dir: the total's loss_ref is the reference run's loss on the analysed eval set, and recovered_vs_ref
+    uses it in place of the bypassed loss; a reference with codebooks or on another FSM is refused."""
+    torch.manual_seed(0)
+    save_ckpt(tiny(), tmp_path / "run", num_states=20, num_edges=3)
+    ref = tiny(sites="")
+    save_ckpt(ref, tmp_path / "ref", num_states=20, num_edges=3)
+    save_ckpt(tiny(sites=""), tmp_path / "other", num_states=30, num_edges=3)
+    out = tmp_path / "an"
+    args = [f"--out_dir={tmp_path / 'run'}", f"--save_dir={out}", "--num_seqs=64", "--device=cpu", "--html_codes=1"]
+    analyze.main([*args, f"--ref_dir={tmp_path / 'ref'}"])
+    t = json.loads((out / "stats.json").read_text())["codebooks"]["total"]
+    x, y = TokFSM(20, 3).eval_set(64, 16)
+    want = torch.nn.functional.cross_entropy(ref(x)[0].reshape(-1, 11), y.reshape(-1)).item()
+    assert t["loss_ref"] == pytest.approx(want, rel=1e-5)
+    assert t["recovered_vs_ref"] == pytest.approx((t["loss_zero"] - t["loss"]) / (t["loss_zero"] - want), rel=1e-5)
+    for bad in ("run", "other"):
+        with pytest.raises(analyze.ConfigError, match="ref_dir"):
+            analyze.main([*args, f"--ref_dir={tmp_path / bad}"])
+
+
 def test_cli_language_model_regex_concepts(tmp_path):
     text = "Once upon a time there was a dragon. The dragon saw a king in a castle. A baby had a flower. " * 16
     data = write_lm_dataset(tmp_path / "data", text)

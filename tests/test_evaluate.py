@@ -1,11 +1,16 @@
 """evaluate.py: FVU and CE loss recovered on hand-made codebooks (codes equal to the activations: FVU 0 and all the
-loss recovered; one code at the mean: FVU 1), FVU against a direct computation, zeroed and bypassed sites."""
+loss recovered; one code at the mean: FVU 1), FVU against a direct computation, zeroed and bypassed sites, loss
+recovered against a reference model, and the evaluations leaving the model's mode and usage counts as they were."""
 
+import math
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from evaluate import Recorder, bypassed, dictionary_metrics, mean_ce, recovered, zeroed
+from evaluate import Recorder, bypassed, dictionary_metrics, evaluate_fsm, evaluate_lm, mean_ce, recovered, zeroed
+from fsm import TokFSM
 from model import GPT, GPTConfig
 
 
@@ -98,3 +103,39 @@ def test_zeroed_and_bypassed_sites():
     assert not torch.allclose(plain, byp) and not torch.allclose(zero, byp)
     loss, acc = mean_ce(model, [(x, x)])
     assert loss == pytest.approx(F.cross_entropy(model(x)[0].view(-1, 11), x.view(-1)).item(), rel=1e-6)
+
+
+def test_loss_recovered_against_a_reference_model():
+    """recovered_vs_ref swaps L_bypass for the reference's loss; given the bypassed loss itself it equals recovered."""
+    torch.manual_seed(0)
+    model = tiny(sites="attn_heads,mlp", num_codes=8)
+    batches = [(torch.randint(11, (3, 8)), torch.randint(11, (3, 8)))]
+    d = dictionary_metrics(model, batches)["total"]
+    assert "recovered_vs_ref" not in d
+    t = dictionary_metrics(model, batches, loss_ref=d["loss_bypass"])["total"]
+    assert t["recovered_vs_ref"] == pytest.approx(t["recovered"], rel=1e-12)
+    t = dictionary_metrics(model, batches, loss_ref=0.5)["total"]
+    assert t["loss_ref"] == 0.5 and t["recovered_vs_ref"] == pytest.approx((t["loss_zero"] - t["loss"]) /
+                                                                          (t["loss_zero"] - 0.5), rel=1e-12)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_evaluations_keep_the_models_mode_and_usage_counts(training):
+    """evaluate_fsm and evaluate_lm run in eval mode and give the model back as it came, also when they fail; no
+    usage count moves."""
+    torch.manual_seed(0)
+    fsm = TokFSM(10, 2)
+    model = tiny(sites="attn_heads,mlp", num_codes=8).train(training)
+    books = [cb for _, cb in model.codebooks()]
+    before = [(cb.counts.clone(), cb.pending.clone()) for cb in books]
+    x, y = fsm.eval_set(8, 8)
+    m = evaluate_fsm(model, fsm, x, y, samples=4)
+    assert model.training == training and all(mod.training == training for mod in model.modules())
+    assert math.isfinite(m["loss"]) and math.isfinite(m["recovered"])
+    val = np.arange(200, dtype=np.uint16) % 11
+    assert math.isfinite(evaluate_lm(model, val, torch.arange(4) * 8, 2)["recovered"])
+    assert model.training == training
+    with pytest.raises(IndexError):
+        evaluate_fsm(model, fsm, x + 100, y, samples=4)  # tokens outside the vocabulary
+    assert model.training == training
+    assert all(torch.equal(c, cb.counts) and torch.equal(p, cb.pending) for (c, p), cb in zip(before, books))

@@ -1,6 +1,8 @@
-"""sae.py: the TopK SAE against a plain reference (outputs, chosen latents, gradients), AuxK, training on a tiny
-TokFSM model, splicing (bypassed = the model itself), the latent swap, and the CLI end to end."""
+"""sae.py: the TopK SAE against a plain reference (outputs, chosen latents, gradients), the normalised loss and AuxK,
+decoder gradients orthogonal to the rows, training on a tiny TokFSM model, splicing (bypassed = the model itself),
+the neuron baselines read on the model itself, the latent swap, and the CLI end to end."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -10,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT
 
+import analyze
 import sae
+from analyze import fsm_readouts, mlp_neurons, neuron_baseline
 from fsm import TokFSM
 from model import GPT, GPTConfig
 
@@ -57,23 +61,47 @@ def test_sae_matches_the_plain_reference(k, groups):
         assert torch.allclose(a, b, atol=1e-4)
 
 
-def test_loss_is_the_reconstruction_mse_and_auxk_reaches_dead_latents():
+def test_loss_is_the_normalised_mse_and_auxk_reaches_dead_latents():
+    """Gao et al.'s reference: per group, MSE / the data's variance, plus aux_coef * AuxK's MSE / the residual's
+    variance, written out here with explicit sums over a known input."""
     torch.manual_seed(0)
-    layer = sae.SAELayer(8, num_latents=6, k=1)
-    a = torch.randn(32, 1, 8)
+    layer = sae.SAELayer(8, num_latents=6, k=1, groups=2)
+    layer.var.copy_(torch.tensor([0.5, 2.0]))
+    a = torch.randn(32, 2, 4)
+    idx, vals, z_pre = layer.encode(a)
+    x_hat = layer.decode(idx, vals)
     loss, fired = layer.loss(a)
-    idx, vals, _ = layer.encode(a)
-    assert torch.allclose(loss, F.mse_loss(layer.decode(idx, vals), a))
-    assert torch.equal(fired, torch.where(vals > 0, idx, -1))
-    dead = torch.ones(1, 6, dtype=torch.bool)
-    dead[0, fired[fired >= 0].unique()] = False
-    if dead.any():
-        layer.zero_grad()
-        layer.loss(a, dead, aux_coef=1.0)[0].backward()
-        with_aux = layer.W_enc.grad[0, dead[0]].abs().sum()
-        layer.zero_grad()
-        layer.loss(a)[0].backward()
-        assert with_aux > 0 and layer.W_enc.grad[0, dead[0]].abs().sum() == 0  # only AuxK trains dead latents
+    want = sum(((x_hat[:, g] - a[:, g]) ** 2).sum() / (32 * 4) / layer.var[g] for g in range(2)) / 2
+    assert torch.allclose(loss, want) and torch.equal(fired, torch.where(vals > 0, idx, -1))
+    dead = torch.zeros(2, 6, dtype=torch.bool)
+    dead[0, 1:3] = dead[1, 5] = True
+    aux = []
+    for g, ids in enumerate([[1, 2], [5]]):
+        r = (a[:, g] - x_hat[:, g]).detach()
+        # k_aux = 32 is more than the dead latents: every one of them decodes
+        e = torch.stack([sum(F.relu(z_pre[n, g, m]) * layer.codes[g, m] for m in ids) for n in range(32)])
+        aux.append(((e - r) ** 2).sum() / ((r - r.mean(0)) ** 2).sum())
+    assert torch.allclose(layer.loss(a, dead, aux_coef=0.25)[0], want + 0.25 * (aux[0] + aux[1]) / 2, rtol=1e-5)
+    layer.zero_grad()
+    layer.loss(a, dead, aux_coef=1.0)[0].backward()
+    with_aux = layer.W_enc.grad[dead].abs().sum(-1)
+    layer.zero_grad()
+    layer.loss(a)[0].backward()
+    unfired = dead.clone()
+    unfired.view(-1)[layer.flat_indices(fired)[fired >= 0]] = False
+    assert (with_aux > 0).all() and layer.W_enc.grad[unfired].abs().sum() == 0  # only AuxK trains dead latents
+
+
+def test_decoder_gradient_is_orthogonal_to_each_row():
+    torch.manual_seed(0)
+    layer = sae.SAELayer(8, num_latents=6, k=2, groups=2)
+    layer.loss(torch.randn(64, 2, 4))[0].backward()
+    raw = layer.codes.grad.clone()
+    layer.project_decoder_grad_()
+    g = layer.codes.grad
+    assert (layer.codes.norm(dim=-1) - 1).abs().max() < 1e-6
+    assert (g * layer.codes).sum(-1).abs().max() < 1e-6 < (raw * layer.codes).sum(-1).abs().max()
+    assert torch.allclose(raw - g, (raw * layer.codes).sum(-1, keepdim=True) * layer.codes, atol=1e-7)
 
 
 @pytest.fixture(scope="module")
@@ -99,13 +127,42 @@ def trained(tmp_path_factory):
     return model, fsm, saes, cfg, (x, y, plain)
 
 
-def test_bypassed_saes_leave_the_model_untouched_and_spliced_ones_reconstruct(trained):
+def test_training_sets_the_variance_and_keeps_unit_decoder_rows(trained):
+    model, fsm, saes, cfg, _ = trained
+    x, _ = fsm.batch(cfg.batch_size, 16, torch.Generator().manual_seed(cfg.seed))  # train_saes' first batch
+    model(x)  # the bypassed SAEs record their inputs
+    for s in saes:
+        a = s.last_input
+        assert torch.allclose(s.var, (a - a.mean(0)).square().mean((0, 2)))
+        assert torch.allclose(s.codes.norm(dim=-1), torch.ones(()), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def read(trained):
+    """The readouts of the trained SAEs spliced in (and taken out again afterwards), and for each reading of the MLP
+    neurons whether every SAE was bypassed then."""
+    model, fsm, saes, cfg, _ = trained
+    seen, real = [], analyze.mlp_neurons
+
+    def spy(*args, **kwargs):
+        seen.append(all(s.bypass for s in saes))
+        return real(*args, **kwargs)
+    for s in saes:
+        s.bypass = False
+    analyze.mlp_neurons = sae.mlp_neurons = spy
+    try:
+        return sae.readouts(model, fsm, saes, cfg), seen
+    finally:
+        analyze.mlp_neurons = sae.mlp_neurons = real
+        for s in saes:
+            s.bypass = True
+
+
+def test_bypassed_saes_leave_the_model_untouched_and_spliced_ones_reconstruct(trained, read):
     model, fsm, saes, cfg, (x, y, plain) = trained
     assert all(s.bypass for s in saes)
     assert torch.equal(model(x, y)[0], plain)
-    for s in saes:
-        s.bypass = False
-    res = sae.readouts(model, fsm, saes, cfg)
+    res = read[0]
     d = res["dictionary"]
     assert set(d) == {"h.0.mlp", "h.1.mlp", "total"} and 0 <= d["total"]["fvu"] < 0.5  # trained: most variance kept
     assert d["total"]["recovered"] > 0.5 and d["total"]["loss_bypass"] == pytest.approx(
@@ -114,8 +171,28 @@ def test_bypassed_saes_leave_the_model_untouched_and_spliced_ones_reconstruct(tr
     swap = res["swap"]["state"]
     assert swap["none"]["jsd_token"] == pytest.approx(1.0) and swap["B"]["jsd_token"] == pytest.approx(0.0, abs=1e-6)
     assert swap["all"]["success"] > swap["none"]["success"]  # B's latents move A's next state towards B's
-    for s in saes:
-        s.bypass = True
+
+
+def test_neurons_are_read_on_the_model_without_saes(trained, read):
+    """Both neuron baselines of readouts (at each state's latent recall, and at recall 0.9) are the neurons of the
+    model itself, here a copy with the SAEs deleted, not of the model with layer 0's SAE spliced in."""
+    model, fsm, saes, cfg, _ = trained
+    plain = copy.deepcopy(model)
+    for block in plain.transformer.h:
+        block.codebooks = torch.nn.ModuleDict()
+    res, seen = read
+    assert seen == [True, True]  # both baselines read the neurons with every SAE out
+    x, _ = fsm.eval_set(cfg.num_seqs, 16)
+    rows, cols, labels = fsm_readouts(x, fsm)["state"]
+    acts = mlp_neurons(plain, x, rows, cols)
+    per_state = res["states"]["mlp"]["per_state"]
+    recall = torch.zeros(fsm.num_states)
+    for e in per_state:
+        recall[e["state"]] = e["recall"]
+    want = neuron_baseline(acts, labels, recall)[0]
+    assert res["states"]["neurons"]["per_state"] == pytest.approx([want[e["state"]].item() for e in per_state])
+    at_09 = neuron_baseline(acts, labels, torch.full((fsm.num_states,), 0.9))[0]
+    assert res["neurons_at_recall_0.9"]["mean_precision"] == pytest.approx(at_09.mean().item())
 
 
 def test_patched_latents_are_decoded(trained):

@@ -12,7 +12,7 @@ import torch
 
 import train
 from codebook import CodebookLayer
-from conftest import write_tokens
+from conftest import once, write_tokens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=2", "--n_embd=32", "--n_head=2", "--block_size=16", "--batch_size=8", "--eval_interval=4",
@@ -24,7 +24,7 @@ def env():
 
 
 def run(args, timeout=180, launcher=()):
-    return subprocess.run([sys.executable, *launcher, "train.py", *args], cwd=ROOT, env=env(), capture_output=True,
+    return subprocess.run([sys.executable, *launcher, "train.py", *once(args)], cwd=ROOT, env=env(), capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -117,8 +117,8 @@ def test_switch_kmeans_reads_every_micro_step(tmp_path, monkeypatch):
         return kmeans(self, a, max_tokens)
 
     monkeypatch.setattr(CodebookLayer, "kmeans_init", recording)
-    train.main([*TINY, "--codebook_sites=mlp", "--n_layer=1", "--gradient_accumulation_steps=4", "--max_iters=3",
-                "--codebook_start=1", "--kmeans_init=true", "--eval_interval=3", f"--out_dir={tmp_path / 'run'}"])
+    train.main(once([*TINY, "--codebook_sites=mlp", "--n_layer=1", "--gradient_accumulation_steps=4", "--max_iters=3",
+                "--codebook_start=1", "--kmeans_init=true", "--eval_interval=3", f"--out_dir={tmp_path / 'run'}"]))
     assert seen == [8 * 16]  # all 4 micro-batches of 2 sequences x 16 tokens, not the first one only
 
 

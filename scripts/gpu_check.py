@@ -16,14 +16,14 @@ Each step is a subprocess of this repository's own commands, in its own director
 5. bench:    python bench.py --only=layer --device=DEV --dtype=bfloat16 (the layer against its floor)
 Every training run uses the preset's model and batch (4 layers, d=128, k=1 of 10,000 codes on every head and MLP,
 batch 512 x 128 tokens) with a warmup of STEPS/10 and a constant learning rate after it (so that the half run's
-learning rates are the full run's), logs every STEPS/5 steps and evaluates once at the end (2,048 sequences,
-valid transitions sampled from 1,000). Step time and tokens/s are the median over the log windows after the first
+learning rates are the full run's), logs every STEPS/5 steps and evaluates at its end (2,048 sequences, valid
+transitions sampled from 1,000). Step time and tokens/s are the median over the log windows after the first
 (which holds compilation and warm-up). After a few hundred steps the valid-transition accuracy is far below the
 paper's 20k-step 63.65 %: it shows that training, evaluation and sampling work on the GPU, not the result.
 
 Expected runtime (an estimate, not a measurement): 4-8 minutes on one recent datacenter GPU at --steps=300, most
-of it process start-up, compilation and the four evaluations; the CPU path with --tiny=true takes well under a
-minute. Output: the table on stdout and in --out/table.md; each run's log.jsonl and ckpt.pt stay in --out.
+of it process start-up, compilation and the five evaluations. The CPU path (--tiny=true, --steps=6,
+--bench=generate) took about 40 s of CPU time here, most of it the seven processes starting up. Output: the table on stdout and in --out/table.md; each run's log.jsonl and ckpt.pt stay in --out.
 """
 
 import argparse

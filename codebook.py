@@ -15,8 +15,8 @@ G slices, each with its own codes and its own top-k (per-head attention codebook
 equations, written out without chunks or tricks, are RefCodebook in tests/test_codebook.py; this layer must match
 it in outputs, indices and gradients.
 
-Departures from the paper's equations and recipe, each measured on the laptop TokFSM run (README, "What we
-learned"; 1,000 sampled sequences, single seed):
+Departures from the paper's equations and recipe, each measured on the laptop TokFSM run (RESULTS.md, "What
+we learned"; 1,000 sampled sequences, single seed):
 - A learned LayerNorm before the lookup (`layernorm`, on for TokFSM; the authors' code has one too). At init the
   raw head and MLP outputs have norm ~0.3-0.5 and N(0, 1) codes norm sqrt(d), so the first lookup hands the next
   layer vectors 10-40x too large; and Adam moves a code by about its learning rate per step, a 20% jump at the raw

@@ -37,13 +37,13 @@ def _is_layer_list(text):
 
 @dataclass
 class GPTConfig:
-    """The model. Defaults: the laptop TokFSM model with k=1 codebooks on every head and MLP."""
+    """The model. Defaults: the quick TokFSM model (d=64, 4 heads of 16) with k=1 codebooks on every head and MLP."""
 
     block_size: int = spec(32, ">= 1")  # longest context in tokens
     vocab_size: int = spec(11, ">= 1")  # TokFSM: 10 digits + <|endoftext|>
     n_layer: int = spec(2, ">= 1")
     n_head: int = spec(4, ">= 1")
-    n_embd: int = spec(128, ">= 1")
+    n_embd: int = spec(64, ">= 1")
     n_inner: Optional[int] = spec(None, ">= 1")  # MLP hidden size; None means 4 * n_embd
     dropout: float = spec(0.0, "[0, 1)")
     bias: bool = True  # biases in Linear layers (LayerNorms always have one)
@@ -56,7 +56,7 @@ class GPTConfig:
     # codebooks
     codebook_sites: str = spec("attn_heads,mlp", each=SITES)  # comma-separated; "" = none
     codebook_layers: str = spec("", check=_is_layer_list)  # comma-separated layer indices; "" = every layer
-    num_codes: int = spec(1000, ">= 1")  # codes per group
+    num_codes: int = spec(256, ">= 1")  # codes per group
     k: int = spec(1, ">= 1")  # codes summed per token and group
     codebook_groups: int = spec(1, ">= 1")  # groups G of the attn and mlp sites (attn_heads uses n_head)
     codebook_layernorm: bool = True  # LayerNorm before the lookup (see codebook.py for why)

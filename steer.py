@@ -24,7 +24,7 @@ site group and at the patched positions, the A run's codes are replaced by those
     patch="state+next"  those and the digits of the next state as they are written (the default; the codes B's
                         context chooses for the same digits). Why: the next state's later digits are predicted
                         at its own positions, whose first attention layer reads the raw tokens of A; a patch of
-                        the context alone moves the first digit to B's but leaves the rest to A (measured, README).
+                        the context alone moves the first digit to B's but leaves the rest to A (measured, RESULTS.md).
 From the logits, the exact next-state distribution p(s) = prod_j p(digit_j of s | context, digits < j) (plus one
 bucket for malformed continuations) and the next-token distribution are read for the patched A run and the plain
 A and B runs. Averaged over the pairs:

@@ -31,5 +31,6 @@ config = dict(
     warmup_iters=500,
     max_iters=20_000,
     eval_interval=1000,
+    eval_seqs=2048,
     log_interval=100,
 )

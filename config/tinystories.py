@@ -7,7 +7,7 @@ roneneldan/TinyStories-1Layer-21M with per-head attention codebooks (k=8 of 10,0
     torchrun --standalone --nproc_per_node=4 train.py config/tinystories.py
     python sample.py --out_dir=out-tinystories --start="Once upon a time"
 
-On a CPU, scaled down (the TinyStories heads in ../shared/data; the README's runs: ~20 min on 2 cores, ~40 on one):
+On a CPU, scaled down (the TinyStories heads in ../shared/data; RESULTS.md's runs: ~20 min on 2 cores, ~40 on one):
 
     python data/prepare.py tinystories --train=../shared/data/tinystories/tinystories_train_head.txt \\
         --val=../shared/data/tinystories/tinystories_valid_head.txt \\
@@ -37,7 +37,7 @@ config = dict(
     num_codes=10_000,
     k=8,
     # No LayerNorm before the codes: with it on every head's output, the CPU run above ended 0.33 nats above
-    # no codebooks (at block 128); without it, 0.06 (at block 256; README). k-means sets the codes' scale.
+    # no codebooks (at block 128); without it, 0.06 (at block 256; RESULTS.md). k-means sets the codes' scale.
     codebook_layernorm=False,
     # codebooks from the first step, initialised by k-means on the first batch; the CPU recipe above warms up
     # without them first (--codebook_start=300)

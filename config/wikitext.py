@@ -4,7 +4,7 @@ codebooks in every layer, k=8 of 10,000 codes, block 1024, lr 5e-4; for a GPU.
 init_from must name a local Pythia/GPT-NeoX download (config.json + model.safetensors or pytorch_model.bin);
 the placeholder below stops with a clear error until it does. Its tokenizer.json is the one to prepare with.
 Without network, scripts/random_pythia.py writes a random-weight directory of pythia-70m's shape, which
-exercises this whole path (the README's run) but learns nothing about Pythia.
+exercises this whole path (RESULTS.md's run) but learns nothing about Pythia.
 
     python data/prepare.py pythia --model=EleutherAI/pythia-70m-deduped      # once: data/pythia-70m-deduped
     python data/prepare.py wikitext --tokenizer=data/pythia-70m-deduped/tokenizer.json   # once

@@ -505,9 +505,10 @@ ALL = {"train.py": TRAIN, "sample.py": SAMPLE, "analyze.py": ANALYZE, "steer.py"
 
 
 def test_readme_states_the_number_of_cases():
-    """The README's count of bad-input cases is this file's, so it cannot drift."""
+    """The count of bad-input cases in README.md or RESULTS.md is this file's, so it cannot drift."""
     n = sum(map(len, ALL.values()))
-    readme = " ".join(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().split())
+    readme = " ".join(" ".join(open(os.path.join(ROOT, doc), encoding="utf-8").read().split())
+                      for doc in ("README.md", "RESULTS.md"))
     per = ", ".join(f"{script} {len(t)}" for script, t in ALL.items())
     assert f"**{n} bad-input cases**" in readme and per in readme, (n, per)
 

@@ -1,6 +1,7 @@
-"""Every command in the README's code blocks, so that a documented command cannot rot: each is parsed against its
-script's configs (keys, types, ranges, presets, paths), and every one that runs offline on a CPU is run, in README
-order, in a copy of the repository (with ../shared beside it), with settings appended that make it tiny. Blocks
+"""Every command in the code blocks of README.md and RESULTS.md, so that a documented command cannot rot: each is
+parsed against its script's configs (keys, types, ranges, presets, paths), and every one that runs offline on a CPU
+is run, in order (README.md, then RESULTS.md, whose commands read runs the README's make), in a copy of the
+repository (with ../shared beside it), with settings appended that make it tiny. Blocks
 whose first line is a comment naming the network, a GPU or scripts/fsm_table.py (whose runs they read), torchrun
 commands and CUDA devices are parsed only."""
 
@@ -48,9 +49,12 @@ TINY = {
 }
 
 
+DOCS = ("README.md", "RESULTS.md")  # in the order their commands run
+
+
 def readme_commands():
-    """[(command, runs)] in README order; `runs` is False for the parse-only blocks."""
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    """[(command, runs)] in the order of DOCS; `runs` is False for the parse-only blocks."""
+    text = "\n".join(open(os.path.join(ROOT, doc), encoding="utf-8").read() for doc in DOCS)
     out = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         lines = block.replace("\\\n", " ").splitlines()
@@ -152,3 +156,10 @@ def test_readme_commands_run(tmp_path):
         assert r.returncode == 0, f"{' '.join(words)}\n{r.stderr[-3000:]}"
         ran.append(script)
     assert ran.count("train.py") >= 5 and {"analyze.py", "steer.py", "topics.py", "sample.py"} <= set(ran)
+    assert "scripts/random_pythia.py" in ran  # a command of RESULTS.md ran too
+
+
+def test_readme_is_short_and_links_results():
+    """The README is what a newcomer reads in one sitting; the long studies live in RESULTS.md."""
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    assert len(text.splitlines()) <= 250 and "](RESULTS.md" in text

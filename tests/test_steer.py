@@ -36,7 +36,7 @@ def fsm_run(tmp_path_factory):
     args = ["--num_states=10", "--num_edges=2", "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=16",
             "--codebook_sites=attn_heads,mlp", "--num_codes=32", "--batch_size=64", "--max_iters=300",
             "--codebook_start=150", "--warmup_iters=20", "--eval_interval=300", "--eval_seqs=64", "--eval_samples=64",
-            "--log_interval=100", "--device=cpu", f"--out_dir={out}"]
+            "--learning_rate=3e-3", "--codebook_lr=1e-2", "--log_interval=100", "--device=cpu", f"--out_dir={out}"]
     r = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env(), capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr

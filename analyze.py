@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 
 import report
-from evaluate import dictionary_metrics, mean_ce
+from evaluate import dictionary_metrics, reference_loss
 from fsm import TokFSM
 from utils import (ConfigError, cli, is_device, is_out_dir, is_regex, lm_batches, load_run, load_tokenizer, load_tokens,
                    parse_config, progress, read_json, read_torch, spec, staged_dir, validate, vocab_strings)
@@ -359,18 +359,6 @@ def collect(cfg, model, batches):
                               f"{[n for n, _ in model.codebooks()]}: collect them again without --codes")
         return col
     return collect_codes(model, [x for x, _ in batches], next(model.parameters()).device)
-
-
-def reference_loss(ref_dir, train_config, model, batches, device):
-    """The loss (nats/token) on `batches` of the run in ref_dir, which must be a run without codebooks on the data of
-    `model` and its train_config (the analysed run's)."""
-    ckpt, ref = load_run(ref_dir, device)
-    tc = ckpt["train_config"]
-    same = all(tc.get(k) == train_config.get(k) for k in ("dataset", "num_states", "num_edges", "fsm_seed"))
-    if ref.codebooks() or not same or (ref.config.block_size, ref.config.vocab_size) != (model.config.block_size,
-                                                                                         model.config.vocab_size):
-        raise ConfigError(f"--ref_dir={ref_dir} must be a run without codebooks on the analysed run's data")
-    return mean_ce(ref, batches)[0]
 
 
 def main(argv):

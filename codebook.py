@@ -16,25 +16,17 @@ equations, written out without chunks or tricks, are RefCodebook in tests/test_c
 it in outputs, indices and gradients.
 
 Departures from the paper's equations and recipe, each measured on the laptop TokFSM run (RESULTS.md, "What
-we learned"; 1,000 sampled sequences, single seed):
-- A learned LayerNorm before the lookup (`layernorm`, on for TokFSM; the authors' code has one too). At init the
-  raw head and MLP outputs have norm ~0.3-0.5 and N(0, 1) codes norm sqrt(d), so the first lookup hands the next
-  layer vectors 10-40x too large; and Adam moves a code by about its learning rate per step, a 20% jump at the raw
-  per-coordinate scale of ~0.05. Without it the run collapsed: 29.7% valid transitions against 96.7%. It is off
-  for language models (config/tinystories.py, config/wikitext.py): on small-data TinyStories the attention
-  codebooks cost 0.33 nats against no codebooks with it (block 128), 0.06 without it (block 256); on Pythia it
-  would change the pretrained function.
-- Codes divided by k at k-means init and dead-code replacement: the output sums k codes, so k codes near an
-  activation add up to its scale (cosine scores ignore the factor). k=4: 99.0% and 40.5% dead codes, against
-  98.9% and 52.1% without.
-- A warm start (train.py `codebook_start`): the network trains with its codebooks bypassed, then each codebook is
-  set by cosine k-means on one batch and training goes on jointly. From scratch the k=1 runs stalled near ln 10
-  (loss 2.27-2.30, 10-12% valid transitions, 82-98% dead codes, with or without k-means and replacement);
-  switched on at step 150 the run reaches 98.1%.
-- A separate, faster learning rate for the codes (train.py `codebook_lr` 1e-2 against 3e-3): +1.0 point (96.7%
-  against 95.7%), the codes keeping up with activations that move every step.
-- Dead-code replacement (`replace_dead_codes`) exists but is off by default: it cost 1.2 points (96.7% against
-  97.9%), a re-seeded code stealing tokens from a trained one.
+we learned", gives the numbers and why):
+- A learned LayerNorm before the lookup (`layernorm`; the authors' code has one too): at init raw head and MLP
+  outputs have norm ~0.3-0.5 against sqrt(d) for N(0, 1) codes; without it the run collapsed (29.7% valid
+  transitions against 96.7%). Off for language models, where it cost 0.33 nats on TinyStories and would change
+  a pretrained Pythia.
+- Codes divided by k at k-means init and dead-code replacement, so that k summed codes match an activation's
+  scale (k=4: 40.5% dead codes against 52.1%).
+- A warm start (train.py `codebook_start`), then cosine k-means at the switch: from scratch k=1 runs stalled
+  near ln 10 (10-12% valid transitions); switched on at step 150 the run reaches 98.1%.
+- A faster learning rate for the codes (train.py `codebook_lr`): +1.0 point.
+- Dead-code replacement exists but is off by default: it cost 1.2 points.
 
     python codebook.py        # a tiny demo: fit codes to clustered data and print usage
 

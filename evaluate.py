@@ -26,7 +26,7 @@ import math
 import torch
 
 from fsm import TokFSM
-from utils import token_windows
+from utils import ConfigError, load_run, token_windows
 
 
 class Recorder:
@@ -211,3 +211,15 @@ def evaluate_lm(model, val, eval_ix, batch, autocast=None):
     ppl = math.exp(min(loss, 709.0))  # exp overflows a float past 709.78
     return {"loss": loss, "acc": acc, "ppl": ppl, "loss_nocb": loss_nocb, "dloss": loss - loss_nocb,
             "dead_pct": rec.dead_pct(), "fvu": rec.fvu(), "recovered": rec_}
+
+
+def reference_loss(ref_dir, train_config, model, batches, device):
+    """The loss (nats/token) on `batches` of the run in ref_dir, which must be a run without codebooks on the data of
+    `model` and its train_config (the analysed run's)."""
+    ckpt, ref = load_run(ref_dir, device)
+    tc = ckpt["train_config"]
+    same = all(tc.get(k) == train_config.get(k) for k in ("dataset", "num_states", "num_edges", "fsm_seed"))
+    if ref.codebooks() or not same or (ref.config.block_size, ref.config.vocab_size) != (model.config.block_size,
+                                                                                         model.config.vocab_size):
+        raise ConfigError(f"--ref_dir={ref_dir} must be a run without codebooks on the analysed run's data")
+    return mean_ce(ref, batches)[0]

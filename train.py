@@ -17,7 +17,8 @@ The recipe (codebook.py lists where it departs from the paper, each with the mea
 
 Data: TokFSM walks (`dataset="fsm"`) or a data/prepare.py directory read in random windows, as nanoGPT; the batch
 of (rank, iteration, micro-step) and its dropout come from seeds of that tuple (step_seeds), so DDP ranks read
-different data and draw different masks, and a resumed run replays the same batches and masks. `init_from`: "scratch", "resume" or a local Pythia directory (pythia.py).
+different data and draw different masks, and a resumed run replays the same batches and masks. `init_from`:
+"scratch", "resume" or a local Pythia directory (pythia.py).
 Configuration: TrainConfig below and GPTConfig (model.py), each field with its valid values; presets in config/;
 --key=value overrides both. `batch_size` is the global batch of one optimizer step. A resumed run continues in the
 out_dir it was read from and may change only the options in RESUMABLE.

@@ -39,10 +39,14 @@ from typing import Optional
 import torch
 
 import report
+from configuration import ConfigError, cli, is_device, is_out_dir, is_regex, parse_config, spec, validate
 from evaluate import dictionary_metrics, reference_loss
+from files import read_json, read_torch
 from fsm import TokFSM
-from utils import (ConfigError, cli, is_device, is_out_dir, is_regex, lm_batches, load_run, load_tokenizer, load_tokens,
-                   parse_config, progress, read_json, read_torch, spec, staged_dir, validate, vocab_strings)
+from model import load_run
+from progress import progress
+from rundir import staged_dir
+from tokens import lm_batches, load_tokenizer, load_tokens, vocab_strings
 
 
 @dataclass

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from codebook import CodebookLayer
+from configuration import cli, is_device, load_preset, parse_config, spec, split_config, validate
 from fsm import TokFSM
 from model import GPT, GPTConfig
-from utils import cli, is_device, load_preset, parse_config, spec, split_config, validate
 
 # (name, N tokens, dim, groups, num_codes, k): the shapes of the performance goals
 SHAPES = [

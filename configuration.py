@@ -11,7 +11,7 @@ exec). This module owns:
   them (`help_text`, read from the dataclass source, so it cannot drift from the fields);
 - errors: ConfigError, and `cli`, which turns one into a single `error: ...` line (and prints the help).
 
-It imports no concept file (fsm, codebook, model, train, steer, analyze) and not utils: utils re-exports it.
+It imports no other module of this project.
 """
 
 import ast
@@ -164,6 +164,18 @@ def is_device(name):
     cuda = ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     avail = ["auto", "cpu", *cuda] + (["mps"] if torch.backends.mps.is_available() else [])
     return None if name in avail else f"is not available here: use one of {', '.join(avail)}"
+
+
+def device_of(name):
+    """The torch device for a validated device name: "auto" is CUDA when present, else the CPU."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def autocast_for(device, dtype="auto"):
+    """bf16 autocast on CUDA for "auto" or "bfloat16", a disabled autocast otherwise."""
+    kind = torch.device(device).type
+    on = dtype == "bfloat16" or (dtype == "auto" and kind == "cuda")
+    return torch.autocast(device_type=kind, dtype=torch.bfloat16, enabled=on)
 
 
 def is_out_dir(path):

@@ -25,8 +25,10 @@ import math
 
 import torch
 
+from configuration import ConfigError
 from fsm import TokFSM
-from utils import ConfigError, load_run, token_windows
+from model import load_run
+from tokens import token_windows
 
 
 class Recorder:

@@ -17,6 +17,7 @@ it, `h.{layer}.{site}:{group}` when the codebook has several (per-head codebooks
 """
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -24,8 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import pythia
 from codebook import CodebookLayer
-from utils import ConfigError, spec, split_list, validate
+from configuration import ConfigError, build, device_of, spec, split_list, validate
+from rundir import load_checkpoint, load_state
 
 SITES = ("attn_heads", "attn", "mlp")
 
@@ -308,10 +311,25 @@ class GPT(nn.Module):
     def from_pythia(cls, path, **overrides):
         """A GPT holding the weights of a local GPT-NeoX/Pythia directory (config.json + safetensors or .bin,
         sharded or not), with the GPTConfig `overrides` (the codebooks) applied; see pythia.py. Raises ConfigError."""
-        import pythia  # the state-dict mapper; it imports this module
+        model = cls(build(GPTConfig, pythia.pythia_config(path, **overrides)))
+        pythia.load_pythia_weights(model, path)  # the codebooks keep their fresh init
+        return model
 
-        return pythia.load(path, **overrides)
 
+def model_from_checkpoint(ckpt, device="cpu"):
+    """The GPT of a checkpoint, rebuilt from the config stored in it, in eval mode on `device`."""
+    try:
+        model = GPT(build(GPTConfig, ckpt["model_config"], "the checkpoint's model_config"))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"the checkpoint's model_config is invalid ({e}): another version of this code wrote it")
+    load_state(model, ckpt["model"], "the checkpoint's weights")
+    return model.to(device).eval()
+
+
+def load_run(out_dir, device):
+    """(checkpoint, model) of the run in out_dir, for the tools that read a run (sample, analyze, steer)."""
+    ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+    return ckpt, model_from_checkpoint(ckpt, device_of(device))
 
 if __name__ == "__main__":
     cfg = GPTConfig(codebook_sites="attn_heads,mlp", num_codes=1000, k=1)

@@ -17,8 +17,8 @@ import os
 import torch
 from safetensors.torch import load_file
 
-from model import GPT, GPTConfig
-from utils import ConfigError, build, read_json
+from configuration import ConfigError
+from files import read_json
 
 FIX = "point init_from at a complete local Pythia/GPT-NeoX download"
 # the GPTConfig fields a finetuning run sets; the rest come from the checkpoint's config.json
@@ -37,8 +37,9 @@ PYTHIA_SKIP = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")
 
 
 def pythia_config(path, **overrides):
-    """GPTConfig from a GPT-NeoX/Pythia config.json, old (rotary_pct, rotary_emb_base) or new
-    (rope_parameters / partial_rotary_factor, rope_theta) names; `overrides` are GPTConfig fields of OVERRIDES."""
+    """The GPTConfig fields (a dict) of a GPT-NeoX/Pythia config.json, old (rotary_pct, rotary_emb_base) or new
+    (rope_parameters / partial_rotary_factor, rope_theta) names; `overrides` are GPTConfig fields of OVERRIDES.
+    It imports no model: GPT.from_pythia builds the GPT from these fields and calls load_pythia_weights."""
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
         raise ConfigError(f"init_from={path!r} is not 'scratch', 'resume' or a local Pythia/GPT-NeoX directory "
@@ -81,7 +82,7 @@ def pythia_config(path, **overrides):
         dropout=0.0,
         codebook_sites="",  # the pretrained model as it is; codebooks come from the overrides
     )
-    return build(GPTConfig, {**fields, **overrides})
+    return {**fields, **overrides}
 
 
 def pythia_state_dict(path):
@@ -146,10 +147,3 @@ def load_pythia_weights(model, path):
     if missing:
         raise ConfigError(f"{path}: checkpoint lacks {len(missing)} key(s), first {missing[0]!r}: {FIX}")
 
-
-def load(path, **overrides):
-    """A GPT holding the weights of the local GPT-NeoX directory `path`; `overrides` are GPTConfig fields (the
-    codebooks, block_size) applied on top of its config.json. Codebooks keep their fresh init."""
-    model = GPT(pythia_config(path, **overrides))
-    load_pythia_weights(model, path)
-    return model

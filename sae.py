@@ -42,9 +42,12 @@ import torch.nn.functional as F
 
 import steer
 from analyze import collect_codes, fsm_analysis, fsm_readouts, mlp_neurons, neuron_baseline
+from configuration import ConfigError, cli, is_device, is_out_dir, parse_config, spec, validate
 from evaluate import bypassed, dictionary_metrics
 from fsm import TokFSM
-from utils import ConfigError, cli, is_device, is_out_dir, load_run, parse_config, progress, spec, staged_dir, validate
+from model import load_run
+from progress import progress
+from rundir import staged_dir
 
 
 class SAELayer(nn.Module):

@@ -16,8 +16,10 @@ from typing import Optional
 
 import torch
 
-from utils import (ConfigError, autocast_for, cli, forward_progress, is_device, load_run, load_tokenizer, parse_config,
-                   read_text, spec, validate)
+from configuration import ConfigError, autocast_for, cli, is_device, parse_config, read_text, spec, validate
+from model import load_run
+from progress import forward_progress
+from tokens import load_tokenizer
 
 
 @dataclass

@@ -45,10 +45,13 @@ from typing import Optional
 import torch
 
 from analyze import state_codes
+from configuration import ConfigError, cli, is_device, is_out_dir, parse_config, spec, split_list, validate
 from evaluate import evaluate_fsm, evaluate_lm
+from files import atomic_write
 from fsm import TokFSM
-from utils import (ConfigError, atomic_write, cli, is_device, is_out_dir, load_run, load_tokenizer, load_tokens,
-                   parse_config, progress, spec, split_list, validate)
+from model import load_run
+from progress import progress
+from tokens import load_tokenizer, load_tokens
 
 
 def _save_path(path):

@@ -35,9 +35,13 @@ import torch
 import torch.nn.functional as F
 
 from analyze import collect_codes, precision_recall, regex_mask
+from configuration import ConfigError, cli, is_device, is_out_dir, parse_config, spec, split_list, validate
+from files import read_json
+from model import load_run
+from progress import progress
+from rundir import staged_dir
 from steer import generate, parse_codes
-from utils import (ConfigError, cli, is_device, is_out_dir, lm_batches, load_run, load_tokenizer, load_tokens,
-                   parse_config, progress, read_json, spec, split_list, staged_dir, validate, vocab_strings)
+from tokens import lm_batches, load_tokenizer, load_tokens, vocab_strings
 
 TOPICS = {"dragon": "dragon", "slide": "slide", "friend": "friend", "flower": "flower", "fire": "fire",
           "baby": "baby", "princess": "prince|crown|king|castle"}  # the paper's topics (Table 3)
@@ -148,7 +152,7 @@ def topic_steering(model, codec, topic_codes, topics, per_prompt=10, max_new_tok
     """Per topic, the fraction of samples whose text matches the topic regex, without and with its codes forced.
 
     Args:
-        codec: has encode(list[str]) -> list[list[int]], decode(list[int]) -> str and eot (utils.Codec).
+        codec: has encode(list[str]) -> list[list[int]], decode(list[int]) -> str and eot (tokens.Codec).
         topic_codes: {topic: [(codebook, group, code)]}; topics: {topic: regex} (matched case-insensitively).
     Returns:
         {topic: {"baseline": rate, "steered": rate, "codes": n}} and the samples {topic or "baseline": [text]}.

@@ -43,12 +43,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import pythia
 from codebook import KMEANS_MAX_TOKENS, sync_counts
+from configuration import (ConfigError, autocast_for, build, cli, device_of, is_device, is_out_dir, parse_args,
+                           resume_config, spec, split_config, validate)
+from ddp import AllFinite, end_process_group
 from evaluate import evaluate_fsm, evaluate_lm
 from fsm import TokFSM
 from model import GPT, GPTConfig
-from utils import (AllFinite, ConfigError, DirLock, RunLog, autocast_for, build, cli, device_of, end_process_group, eta,
-                   is_device, is_out_dir, load_checkpoint, load_state, load_tokens, parse_args, resume_config,
-                   save_checkpoint, spec, split_config, token_windows, validate)
+from progress import eta
+from rundir import DirLock, RunLog, load_checkpoint, load_state, save_checkpoint
+from tokens import load_tokens, token_windows
 
 
 @dataclass
@@ -319,7 +322,7 @@ def configure(argv, world):
                               "drop --codebook_start or start a new out_dir")
     cfg = build(TrainConfig, tvals)
     pretrained = cfg.init_from not in ("scratch", "resume")  # a Pythia directory: the codebooks are ours
-    gcfg = pythia.pythia_config(cfg.init_from, **mvals) if pretrained else build(GPTConfig, mvals)
+    gcfg = build(GPTConfig, pythia.pythia_config(cfg.init_from, **mvals) if pretrained else mvals)
     if cfg.dataset == "fsm" and gcfg.block_size < 2 * len(str(cfg.num_states - 1)) + 1:
         raise ConfigError(f"block_size={gcfg.block_size} holds fewer than two FSM states: "
                           f"use >= {2 * len(str(cfg.num_states - 1)) + 1}")
@@ -393,7 +396,7 @@ def build_model(run, gcfg, ckpt):
     cfg = run.cfg
     torch.manual_seed(cfg.seed + run.rank)
     if cfg.init_from not in ("scratch", "resume"):
-        model = pythia.load(cfg.init_from, **{k: getattr(gcfg, k) for k in pythia.OVERRIDES})
+        model = GPT.from_pythia(cfg.init_from, **{k: getattr(gcfg, k) for k in pythia.OVERRIDES})
         if run.rank == 0 and gcfg.sites and gcfg.codebook_layernorm:
             print("note: codebook_layernorm=true adds a fresh LayerNorm before each codebook, which changes the "
                   "pretrained model's function even with its codebooks bypassed (--codebook_layernorm=false keeps it)")
@@ -420,7 +423,7 @@ def build_model(run, gcfg, ckpt):
 
 
 def close(run, failed=True):
-    """Close the log, free out_dir, then leave the process group (utils.end_process_group)."""
+    """Close the log, free out_dir, then leave the process group (ddp.end_process_group)."""
     if run.log is not None:
         run.log.close()
     if run.lock is not None:

@@ -62,8 +62,11 @@ from typing import Optional
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
-from utils import (EOT, GPT2_SHA256, ConfigError, atomic_write, check_help, cli, is_out_dir, load_codec,  # noqa: E402
-                   parse_args, progress, read_text, spec, staged_dir, validate)
+from configuration import ConfigError, check_help, cli, is_out_dir, parse_args, read_text, spec, validate  # noqa: E402
+from files import atomic_write  # noqa: E402
+from progress import progress  # noqa: E402
+from rundir import staged_dir  # noqa: E402
+from tokens import EOT, GPT2_SHA256, load_codec  # noqa: E402
 
 GPT2_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
 NEOX_REPO = "EleutherAI/pythia-70m"  # every Pythia ships the same GPT-NeoX-20B tokenizer.json

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from utils import (ConfigError, cli, is_out_dir, load_checkpoint, parse_config, progress, spec, split_list,  # noqa: E402
-                   validate)
+from configuration import ConfigError, cli, is_out_dir, parse_config, spec, split_list, validate  # noqa: E402
+from progress import progress  # noqa: E402
+from rundir import load_checkpoint  # noqa: E402
 
 ROWS = {  # name: (label, arguments of `python train.py`); the laptop rows use config/laptop.py, quick is the default
     "nocb": ("no codebooks (laptop)", ["config/laptop.py", "--codebook_sites="]),

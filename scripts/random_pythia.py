@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # build from a config: no hub
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils import cli, is_out_dir, parse_config, spec, validate  # noqa: E402
+from configuration import cli, is_out_dir, parse_config, spec, validate  # noqa: E402
 
 # hidden size, layers, heads of the two shapes this script writes
 SIZES = {"70m": (512, 6, 8), "tiny": (128, 2, 4)}

@@ -1,4 +1,4 @@
-"""Shared test setup: the repo root is importable (`import fsm, codebook, model, utils`) and every test
+"""Shared test setup: the repo root is importable (`import fsm, codebook, model, configuration`) and every test
 starts from torch.manual_seed(0); helpers that write tiny token datasets and tokenizers on the spot, so that the
 tests need nothing beside the repository (only those whose point is the real files in ../shared/data skip
 without them). CPU only."""
@@ -21,11 +21,11 @@ def seed():
 
 def write_bpe(path, text, vocab_size=384):
     """A byte-level BPE tokenizer.json trained on `text` with the `tokenizers` library, laid out as Pythia's
-    (<|endoftext|> = id 0, every byte a token, so any text encodes): utils.load_codec("neox", path) loads it.
+    (<|endoftext|> = id 0, every byte a token, so any text encodes): tokens.load_codec("neox", path) loads it.
     Deterministic; at most vocab_size tokens. Returns path."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from utils import EOT
+    from tokens import EOT
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -55,7 +55,7 @@ def write_lm_dataset(directory, text, vocab_size=384):
 
     import numpy as np
 
-    from utils import load_codec
+    from tokens import load_codec
 
     os.makedirs(directory, exist_ok=True)
     codec = load_codec("neox", write_bpe(os.path.join(directory, "tokenizer.json"), text, vocab_size))

@@ -19,8 +19,9 @@ import train
 from evaluate import evaluate_lm
 from model import GPT, GPTConfig
 from conftest import write_bpe, write_tiktoken
-from utils import (EOT, ConfigError, gpt2_tokenizer, load_codec, load_tokenizer, load_tokens, neox_tokenizer,
-                   staged_dir)
+from configuration import ConfigError
+from rundir import staged_dir
+from tokens import EOT, gpt2_tokenizer, load_codec, load_tokenizer, load_tokens, neox_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared", "data")

@@ -41,3 +41,38 @@ def test_no_entry_point_imports_train():
             if "train" in names:
                 importers.append(os.path.relpath(path, ROOT))
     assert not importers, importers
+
+
+PLUMBING = ["configuration.py", "files.py", "rundir.py", "ddp.py", "tokens.py", "progress.py"]
+
+
+def own_imports(path):
+    """The project's modules that `path` imports, at its top or inside a function."""
+    mods = {os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(ROOT, "*.py"))}
+    found = set()
+    for node in ast.walk(ast.parse("\n".join(lines(path)))):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+        found |= {n.split(".")[0] for n in names} & mods
+    return found
+
+
+def test_import_graph_has_no_cycle_and_plumbing_imports_only_plumbing():
+    """The concept files import the plumbing, never the other way round; no module imports itself back through
+    others (pythia.py, the mapper GPT.from_pythia calls, imports no model); utils.py, the old grab-bag, is gone."""
+    graph = {os.path.basename(p)[:-3]: own_imports(p) for p in glob.glob(os.path.join(ROOT, "*.py"))}
+    assert "utils" not in graph
+    plumbing = {p[:-3] for p in PLUMBING}
+    for name in plumbing:
+        assert graph[name] <= plumbing, (name, graph[name] - plumbing)
+    assert graph["pythia"] <= plumbing, graph["pythia"]
+
+    def reach(start):
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        return seen
+    cycles = sorted(name for name in graph if name in reach(name))
+    assert not cycles, cycles

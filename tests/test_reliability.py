@@ -21,8 +21,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
-from conftest import write_tokens  # noqa: E402
 from codebook import CodebookLayer  # noqa: E402
+from conftest import write_tokens  # noqa: E402
 
 TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=16", "--batch_size=8", "--eval_seqs=16",
         "--eval_samples=8", "--codebook_sites=attn_heads,mlp", "--num_codes=32", "--device=cpu"]
@@ -394,7 +394,7 @@ HANGING_SHUTDOWN = """
 import sys, time
 import torch.distributed as dist
 sys.path.insert(0, {root!r})
-from utils import end_process_group
+from ddp import end_process_group
 dist.init_process_group("gloo", init_method="file://" + {store!r}, rank=0, world_size=1)
 dist.destroy_process_group = lambda: time.sleep(120)  # the rare hang of a real shutdown
 print("work done", flush=True)

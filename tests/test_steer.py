@@ -13,7 +13,8 @@ import torch
 import steer
 from fsm import TokFSM
 from model import GPT, GPTConfig
-from utils import load_checkpoint, model_from_checkpoint
+from model import model_from_checkpoint
+from rundir import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

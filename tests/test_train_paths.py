@@ -39,7 +39,7 @@ PRESETS = sorted(f for f in os.listdir(os.path.join(ROOT, "config")) if f.endswi
 def test_every_preset_shape_trains_through_the_switch_under_bf16(preset, tmp_path):
     """Each preset's shape (sites, k, LayerNorm or not, k-means, positions, residual), made tiny, under bf16
     autocast on the CPU (the GPU's default dtype), through the switch and its k-means."""
-    from utils import load_preset
+    from configuration import load_preset
 
     cfg = load_preset(os.path.join(ROOT, "config", preset))
     extra = []

@@ -1,0 +1,59 @@
+"""
+Files a user hands us and files we write (plumbing for every entry point):
+
+- `read_json`, `read_torch`: a user's file that is missing, torn or foreign ends in one ConfigError naming it;
+- `atomic_write`: an output is written to a temporary name and renamed into place when complete.
+"""
+
+import contextlib
+import json
+import os
+
+import torch
+
+from configuration import ConfigError, read_text
+
+
+def read_json(path, what, fix="write it again", kind=dict):
+    """A JSON file holding a `kind` (dict or list), or a ConfigError naming the file, what is wrong and `fix`."""
+    text = read_text(path, what)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what} {path} is not valid JSON (line {e.lineno}: {e.msg}), torn or foreign: {fix}") \
+            from None
+    if not isinstance(value, kind):
+        raise ConfigError(f"{what} {path} holds a JSON {type(value).__name__}, not a {kind.__name__}: {fix}")
+    return value
+
+
+def read_torch(path, what, keys=(), fix="pass the right file"):
+    """torch.load of a user's file (tensors and plain values only), or a ConfigError when it is missing, torn,
+    foreign, or a dict without `keys`; the message ends with `fix`."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} {path!r} not found: check the path")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torn zip, a text file, a pickle of code: all end the same way
+        raise ConfigError(f"{path} cannot be read as a {what} ({type(e).__name__}): it is truncated or another kind "
+                          f"of file: {fix}") from None
+    lacks = sorted(set(keys) - set(obj)) if isinstance(obj, dict) else sorted(keys)
+    if lacks:
+        raise ConfigError(f"{path} is not a {what} (it lacks {', '.join(lacks)}): {fix}")
+    return obj
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="w"):
+    """Write to `path.tmp.<pid>` and rename it onto `path` only when the block completes: a crash or an error
+    leaves the old file (or none), never a torn one."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -45,7 +45,7 @@ from files import read_json, read_torch
 from fsm import TokFSM
 from model import load_run
 from progress import progress
-from rundir import staged_dir
+from rundir import claim, staged_dir
 from tokens import lm_batches, load_tokenizer, load_tokens, vocab_strings
 
 
@@ -70,6 +70,7 @@ class AnalyzeConfig:
     def __post_init__(self):
         validate(self)
         self.save_dir = self.save_dir or os.path.join(self.out_dir, "analysis")
+        claim(self.save_dir, "analysis", "save_dir")  # before any work: no other kind, no user's folder
 
 
 # ---------------------------------------------------------------------------------------------- collecting
@@ -385,7 +386,7 @@ def main(argv):
         t = dictionary["total"]
         print(f"loss {t['loss']:.4f}, {cfg.ref_dir} (no codebooks) {loss_ref:.4f}, zeroed {t['loss_zero']:.4f}: "
               f"loss recovered against it {t['recovered_vs_ref']:.3f}")
-    with staged_dir(cfg.save_dir) as out:  # every output, or none: save_dir is replaced only when all are written
+    with staged_dir(cfg.save_dir, "analysis") as out:  # every output or none: replaced when all are written
         torch.save(col, os.path.join(out, "codes.pt"))
         col["books"] = col_books
         stats = {b: code_stats(col["codes"][n][:, :, g], cb.num_codes) for b, n, g, cb in col["books"]}

@@ -187,7 +187,9 @@ def is_out_dir(path):
     parent = os.path.abspath(path)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+    if not os.path.isdir(parent):
+        return f"lies under {parent}, which is a file, not a directory: choose a place under a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
         return f"cannot be created or written ({parent} is not a writable directory): choose a writable place"
     return None
 

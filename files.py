@@ -2,12 +2,15 @@
 Files a user hands us and files we write (plumbing for every entry point):
 
 - `read_json`, `read_torch`: a user's file that is missing, torn or foreign ends in one ConfigError naming it;
-- `atomic_write`: an output is written to a temporary name and renamed into place when complete.
+- `atomic_write`: an output is written to a temporary name and renamed into place when complete;
+- `remove_leftovers`: the temporary names that a killed process left beside an output.
 """
 
 import contextlib
+import glob
 import json
 import os
+import shutil
 
 import torch
 
@@ -46,7 +49,8 @@ def read_torch(path, what, keys=(), fix="pass the right file"):
 @contextlib.contextmanager
 def atomic_write(path, mode="w"):
     """Write to `path.tmp.<pid>` and rename it onto `path` only when the block completes: a crash or an error
-    leaves the old file (or none), never a torn one."""
+    leaves the old file (or none), never a torn one. Leftovers of a killed writer go first (remove_leftovers)."""
+    remove_leftovers(path)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
@@ -57,3 +61,30 @@ def atomic_write(path, mode="w"):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_leftovers(path):
+    """Remove `path.tmp.<pid>` and `path.old.<pid>` (files or directories) whose process no longer runs: what a
+    killed atomic_write or staged_dir left. An old copy is put back instead when `path` itself is gone (a kill
+    between staged_dir's two renames)."""
+    for left in glob.glob(glob.escape(path) + ".old.*") + glob.glob(glob.escape(path) + ".tmp.*"):
+        pid = left.rsplit(".", 1)[1]
+        if not pid.isdigit() or pid_alive(int(pid)):
+            continue
+        if ".old." in left[len(path):] and not os.path.exists(path):
+            os.rename(left, path)
+        elif os.path.isdir(left) and not os.path.islink(left):
+            shutil.rmtree(left, ignore_errors=True)
+        else:
+            os.remove(left)
+
+
+def pid_alive(pid):
+    """Whether a process with this PID runs on this machine (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's, or no PID at all: left alone
+        return True
+    return True

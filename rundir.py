@@ -1,6 +1,8 @@
 """
 Run directories (plumbing for train.py and the tools that read or write a run):
 
+- kinds: every directory the project writes carries a marker naming its kind (`KINDS`); `claim` refuses, before
+  any work, a directory that a tool may not write (another kind, a user's folder, a file);
 - `DirLock`: one owner process for a directory;
 - `RunLog`: out_dir/log.jsonl, never ahead of the run it belongs to;
 - `staged_dir`: a tool's output directory, replaced as a whole when the tool completes;
@@ -9,22 +11,145 @@ Run directories (plumbing for train.py and the tools that read or write a run):
 
 import contextlib
 import dataclasses
+import fnmatch
 import json
 import os
+import re
 import shutil
 import sys
 import time
 
 import torch
 
-from configuration import ConfigError
-from files import atomic_write, read_torch
+from configuration import ConfigError, is_out_dir
+from files import atomic_write, read_torch, remove_leftovers
+
+# ---------------------------------------------------------------------------------------------- kinds
+MARKER = ".codebook-kind.json"  # {"kind", "argv", "cwd", "time", "format"}: what wrote the directory, and how
+# kind: (what it is, in words; the files it writes; the directories it writes). A directory without a marker, written
+# before markers existed, is known by them: a training run by ckpt.pt or log.jsonl (it also holds the tools' outputs),
+# any other kind when it holds one of them by name and nothing else than them.
+KINDS = {
+    "train": ("a training run", ("ckpt.pt", "log.jsonl"), ()),
+    "analysis": ("analyze.py's analysis", ("codes.pt", "stats.json", "freq.png", "browser.html", "concepts.json",
+                                            "fsm.json", "fsm_tables.pt", "heatmap.png", "neurons.png"), ()),
+    "topics": ("topics.py's topic codes", ("topic_codes.json", "concepts.json", "steering.json"), ()),
+    "sae": ("sae.py's SAEs", ("sae.pt", "results.json"), ()),
+    "dataset": ("data/prepare.py's dataset", ("meta.json", "train.bin", "val.bin", "test.bin", "tokenizer.json",
+                                              "tokenizer.tiktoken"), ()),
+    "pythia": ("a Pythia model directory", ("config.json", "*.safetensors", "*.bin", "*.json", "*.part"), ()),
+    "fsm-table": ("scripts/fsm_table.py's results table", (), ("quick", "k1", "k4", "nocb")),
+}
+CONTAINERS = ("train", "fsm-table")  # kinds that hold other kinds' directories (a table: training runs only)
+
+
+def kind_of(path):
+    """(kind, names) of the directory `path`: the kind its marker names (else the one its files show, see KINDS),
+    "" for a directory holding anything else, None for a missing or empty one; names: its entries, the kind's
+    own first, without the marker, a lock and temporaries (`*.tmp.<pid>`, `*.old.<pid>`), which do not count."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return None, []
+    rest = [n for n in names if n not in (MARKER, ".lock") and not re.search(r"\.(tmp|old)\.\d+$", n)]
+    if MARKER in names:
+        try:
+            with open(os.path.join(path, MARKER), encoding="utf-8") as f:
+                kind = str(json.load(f)["kind"])
+        except (OSError, ValueError, KeyError, TypeError):
+            kind = "?"  # a torn or foreign marker: nothing of ours
+    elif not rest:  # a lock alone: a run that has just started (DirLock)
+        kind = "train" if ".lock" in names else None
+    else:
+        kind = next((k for k, (_, files, dirs) in KINDS.items() if _known(k, rest, files + dirs)), "")
+    own = sum(KINDS.get(kind, ("", (), ()))[1:], ())
+    return kind, sorted(rest, key=lambda n: (not any(fnmatch.fnmatch(n, p) for p in own), n))
+
+
+def _known(kind, names, own):
+    named = bool(set(names) & set(own))  # one of its names itself, not only a pattern's match
+    return named and (kind == "train" or all(any(fnmatch.fnmatch(n, p) for p in own) for n in names))
+
+
+def _what(kind):
+    if kind in KINDS:
+        return KINDS[kind][0]
+    return "files this project did not write" if kind == "" else f"a directory of unknown kind {kind!r} ({MARKER})"
+
+
+def dir_problem(path, kind):
+    """None if `kind` may write the directory `path`, else what is wrong, in words. It may when `path` is of that
+    kind (with its own files as files and its directories as directories), or is missing or empty and lies in no
+    directory of another kind than a training run or a results table (a training run: a results table only)."""
+    problem = is_out_dir(path)
+    if problem:
+        return problem
+    there, names = kind_of(path)
+    if there is not None and there != kind:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        return f"holds {_what(there)} ({shown}), not {_what(kind)}: choose a new or empty directory"
+    what, files, dirs = KINDS[kind]
+    for name in files + dirs:
+        p = os.path.join(path, name)
+        if os.path.lexists(p) and os.path.isdir(p) != (name in dirs):
+            want, got = ("directory", "file") if name in dirs else ("file", "directory")
+            return f"holds {name} as a {got}, where {what} keeps a {want}: move it away, or choose another directory"
+    if there == kind:  # written before: where it lies was checked then (or it predates the check)
+        return None
+    return _inside(os.path.dirname(os.path.abspath(path)), ("fsm-table",) if kind == "train" else CONTAINERS)
+
+
+def _inside(up, allowed):
+    """The problem of a place in the directory `up`: `up` or a directory above it is of a kind not in `allowed`."""
+    while True:
+        there = kind_of(up)[0]
+        if there and there not in allowed:
+            return f"lies inside {up}, which holds {_what(there)}: choose a place outside it"
+        if up == os.path.dirname(up):
+            return None
+        up = os.path.dirname(up)
+
+
+def is_out_file(path):
+    """None if an output file may be written at `path` ("" = none), else the problem: a directory there, a file
+    above it, a file that a run or a dataset holds (ckpt.pt, meta.json, ...), a place inside another tool's output."""
+    if not path:
+        return None
+    if os.path.isdir(path):
+        return "is a directory, not a file: name a file"
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isfile(parent):
+        return f"lies under {parent}, which is a file, not a directory: name a file in a directory"
+    kind = kind_of(parent)[0]
+    if kind in KINDS and any(fnmatch.fnmatch(os.path.basename(path), p) for p in KINDS[kind][1]):
+        return f"is a file of {_what(kind)} ({parent}): name another file"
+    return is_out_dir(parent) or _inside(parent, CONTAINERS)
+
+
+def claim(path, kind, flag):
+    """Check, before any work, that `kind` may write the directory `path` (dir_problem): a ConfigError naming
+    `flag`, `path` and what is there if not."""
+    problem = dir_problem(path, kind)
+    if problem:
+        raise ConfigError(f"{flag}={path!r} {problem}")
+
+
+def mark(path, kind):
+    """Write the marker of the directory `path`: its kind, the command that wrote it, when (atomically)."""
+    with atomic_write(os.path.join(path, MARKER)) as f:
+        json.dump({"kind": kind, "argv": sys.argv, "cwd": os.getcwd(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                   "format": 1}, f)
 
 
 @contextlib.contextmanager
-def staged_dir(path):
-    """Yield a fresh `path.tmp.<pid>` directory; when the block completes it replaces `path` as a whole. On an
-    error it is removed and `path` stays as it was: a half-written result never looks like a finished one."""
+def staged_dir(path, kind):
+    """Yield a fresh `path.tmp.<pid>` directory; when the block completes, it gets the marker of `kind` and replaces
+    `path` as a whole. On an error it is removed and `path` stays as it was: a half-written result never looks like
+    a finished one. Raises ConfigError before the block when `kind` may not write `path` (claim) or it cannot be
+    created. Leftovers of a killed run of a tool (`path.tmp.<pid>`, `path.old.<pid>`) are removed first."""
+    path = os.path.normpath(path)
+    claim(path, kind, "output directory")
+    remove_leftovers(path)
     tmp = f"{path}.tmp.{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -33,6 +158,7 @@ def staged_dir(path):
         raise ConfigError(f"{path} cannot be written ({e.strerror}): choose a writable place") from None
     try:
         yield tmp
+        mark(tmp, kind)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -102,7 +228,7 @@ class RunLog:
     in memory and writes the file at commit(), after its first checkpoint: until then the old run stays whole."""
 
     def __init__(self, path, run_id=None, resume_iter=None, pending=False):
-        self.path, self.pending, self.f = path, pending, None
+        self.path, self.pending, self.f, self.new = path, pending, None, resume_iter is None
         self.run_id = run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         self.lines = [json.dumps({"iter": 0, "run": self.run_id}) + "\n"]
         if resume_iter is not None and os.path.isfile(path):
@@ -121,10 +247,13 @@ class RunLog:
             self.f.flush()
 
     def commit(self):
-        """Write the held records over log.jsonl (atomically) and append from now on."""
+        """Write the held records over log.jsonl (atomically) and append from now on; a new run also writes the
+        directory's marker (a resumed one keeps the marker of the command that started it)."""
         if self.f is None:
             with atomic_write(self.path) as f:
                 f.writelines(self.lines)
+            if self.new:
+                mark(os.path.dirname(self.path) or ".", "train")
             self.f, self.lines, self.pending = open(self.path, "a", encoding="utf-8"), None, False
 
     def close(self):
@@ -154,6 +283,8 @@ def save_checkpoint(obj, path):
 def load_checkpoint(path, classes=()):
     """A checkpoint written by train.py, with a clear ConfigError for a missing, torn or foreign file, or one whose
     stored configs hold keys that the dataclasses `classes` (TrainConfig, GPTConfig) lack."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{path} is a directory, not a checkpoint file: move it away, or point out_dir at a run")
     if not os.path.isfile(path):
         raise ConfigError(f"no checkpoint at {path}: train first, or point out_dir at a run")
     ckpt = read_torch(path, "checkpoint written by train.py", CKPT_KEYS,

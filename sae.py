@@ -47,7 +47,7 @@ from evaluate import bypassed, dictionary_metrics
 from fsm import TokFSM
 from model import load_run
 from progress import progress
-from rundir import staged_dir
+from rundir import claim, staged_dir
 
 
 class SAELayer(nn.Module):
@@ -157,6 +157,7 @@ class SAEConfig:
     def __post_init__(self):
         validate(self)
         self.save_dir = self.save_dir or os.path.join(self.out_dir, f"sae-{'-'.join(self.sites.split(','))}-k{self.k}")
+        claim(self.save_dir, "sae", "save_dir")  # before any work: no other kind, no user's folder
 
 
 def insert_saes(model, sites, k, num_latents):
@@ -292,7 +293,7 @@ def main(argv):
     for p, r in res["swap"].items():
         print(f"swap at the {p} positions: " + ", ".join(f"{n} {100 * v['success']:.1f}% (JSD state {v['jsd']:.3f}, "
                                                        f"token {v['jsd_token']:.3f})" for n, v in r.items()))
-    with staged_dir(cfg.save_dir) as out:
+    with staged_dir(cfg.save_dir, "sae") as out:
         torch.save({"saes": {n: s.state_dict() for n, s in model.codebooks()}, "config": asdict(cfg)},
                    os.path.join(out, "sae.pt"))
         with open(os.path.join(out, "results.json"), "w") as f:

@@ -37,7 +37,6 @@ state code alone, forced at the last position of the context, in its MLP codeboo
 """
 
 import json
-import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Optional
@@ -45,17 +44,14 @@ from typing import Optional
 import torch
 
 from analyze import state_codes
-from configuration import ConfigError, cli, is_device, is_out_dir, parse_config, spec, split_list, validate
+from configuration import ConfigError, cli, is_device, parse_config, spec, split_list, validate
 from evaluate import evaluate_fsm, evaluate_lm
 from files import atomic_write
 from fsm import TokFSM
 from model import load_run
 from progress import progress
+from rundir import is_out_file
 from tokens import load_tokenizer, load_tokens
-
-
-def _save_path(path):
-    return is_out_dir(os.path.dirname(os.path.abspath(path))) if path else None
 
 
 @dataclass
@@ -79,7 +75,7 @@ class SteerConfig:
     eval_seqs: int = spec(2048, ">= 1")  # ablate: eval sequences (TokFSM) or val windows (LM)
     seed: int = spec(1337, ">= 0")
     device: str = spec("auto", check=is_device)
-    save: str = spec("", check=_save_path)  # write the results as JSON to this file
+    save: str = spec("", check=is_out_file)  # write the results as JSON to this file
 
     def __post_init__(self):
         validate(self)

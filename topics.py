@@ -39,7 +39,7 @@ from configuration import ConfigError, cli, is_device, is_out_dir, parse_config,
 from files import read_json
 from model import load_run
 from progress import progress
-from rundir import staged_dir
+from rundir import claim, staged_dir
 from steer import generate, parse_codes
 from tokens import lm_batches, load_tokenizer, load_tokens, vocab_strings
 
@@ -112,6 +112,7 @@ class TopicsConfig:
     def __post_init__(self):
         validate(self)
         self.save_dir = self.save_dir or os.path.join(self.out_dir, "topics")
+        claim(self.save_dir, "topics", "save_dir")  # before any work: no other kind, no user's folder
 
 
 def dense_codes(codes, num_codes, frac=0.5):
@@ -224,7 +225,7 @@ def main(argv):
         print(f"  {'topic':10s} {'baseline':>9s} {'steered':>8s}  code")
         for t, r in res.items():
             print(f"  {t:10s} {100 * r['baseline']:8.1f}% {100 * r['steered']:7.1f}%  {chosen[t] or '-'}")
-    with staged_dir(cfg.save_dir) as out:
+    with staged_dir(cfg.save_dir, "topics") as out:
         steering = {"results": res, "samples": samples}
         for name, obj in (("topic_codes", named), ("concepts", found), ("steering", steering)):
             with open(os.path.join(out, f"{name}.json"), "w") as f:

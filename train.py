@@ -28,7 +28,6 @@ first checkpoint. A non-finite loss or weight stops the run and keeps the last g
 skips such steps instead).
 """
 
-import glob
 import math
 import os
 import time
@@ -50,7 +49,7 @@ from evaluate import evaluate_fsm, evaluate_lm
 from fsm import TokFSM
 from model import GPT, GPTConfig
 from progress import eta
-from rundir import DirLock, RunLog, load_checkpoint, load_state, save_checkpoint
+from rundir import DirLock, RunLog, claim, load_checkpoint, load_state, remove_leftovers, save_checkpoint
 from tokens import load_tokens, token_windows
 
 
@@ -321,6 +320,7 @@ def configure(argv, world):
                               f"{'has its codebooks on already' if n > c0 else f'can switch them on at >= {n}'}: "
                               "drop --codebook_start or start a new out_dir")
     cfg = build(TrainConfig, tvals)
+    claim(cfg.out_dir, "train", "out_dir")  # no other kind, no user's folder, not inside another run
     pretrained = cfg.init_from not in ("scratch", "resume")  # a Pythia directory: the codebooks are ours
     gcfg = build(GPTConfig, pythia.pythia_config(cfg.init_from, **mvals) if pretrained else mvals)
     if cfg.dataset == "fsm" and gcfg.block_size < 2 * len(str(cfg.num_states - 1)) + 1:
@@ -360,8 +360,8 @@ def setup(argv):
     run.autocast = autocast_for(run.device, cfg.dtype)
     if rank == 0:  # own out_dir before looking at what it holds; temporary files left by a killed run go
         run.lock = DirLock(cfg.out_dir)
-        for tmp in glob.glob(os.path.join(glob.escape(cfg.out_dir), "*.tmp.*")):
-            os.remove(tmp)
+        for name in ("ckpt.pt", "log.jsonl"):
+            remove_leftovers(os.path.join(cfg.out_dir, name))
     try:
         run.replacing = not run.resumed and os.path.exists(run.ckpt_path)  # the old run stays until our checkpoint
         if run.replacing and not cfg.overwrite:

@@ -65,7 +65,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from configuration import ConfigError, check_help, cli, is_out_dir, parse_args, read_text, spec, validate  # noqa: E402
 from files import atomic_write  # noqa: E402
 from progress import progress  # noqa: E402
-from rundir import staged_dir  # noqa: E402
+from rundir import claim, mark, staged_dir  # noqa: E402
 from tokens import EOT, GPT2_SHA256, load_codec  # noqa: E402
 
 GPT2_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
@@ -308,11 +308,14 @@ def prepare(dataset, args):
         if not args.model:
             raise ConfigError("pythia needs --model=REPO, e.g. --model=EleutherAI/pythia-70m-deduped")
         out = args.out or os.path.join(here, args.model.rstrip("/").split("/")[-1])
+        claim(out, "pythia", "out")
         print(f"{args.model} -> {pythia_download(args.model, out)}")
+        mark(out, "pythia")
         return None
     if args.model:
         raise ConfigError("--model is for `pythia`; tinystories and wikitext take text files")
     out = args.out or os.path.join(here, dataset)
+    claim(out, "dataset", "out")  # before any download: no other kind, no user's folder
     downloads = os.path.join(os.path.dirname(os.path.abspath(out)), "downloads")  # kept across runs
     sources = sources_of(dataset, args, downloads)
     name = "gpt2" if dataset == "tinystories" else "neox"
@@ -321,7 +324,7 @@ def prepare(dataset, args):
     docs, split = documents(dataset, sources)
     if dataset == "wikitext":
         sources = {"train": sources.get("train", sources["valid"]), "val": sources["valid"], "test": sources["test"]}
-    with staged_dir(out) as tmp:
+    with staged_dir(out, "dataset") as tmp:
         tok_file = "tokenizer.tiktoken" if name == "gpt2" else "tokenizer.json"
         shutil.copyfile(tok, os.path.join(tmp, tok_file))
         meta = dict(dataset=dataset, tokenizer=name, tokenizer_file=tok_file, vocab_size=codec.vocab_size,

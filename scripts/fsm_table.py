@@ -9,23 +9,27 @@ recovered, wall time) and the machine it ran on.
 Each row is `python train.py <arguments> --out_dir=<out>/<row>`, timed as a whole process (evaluations included):
 the quick row is the default recipe (no arguments), the others start from config/laptop.py, the slower 98 % recipe.
 A row whose directory already holds a finished run is read from its log instead of trained again (its wall time
-is then the one recorded in the log, marked *); delete the directory to train it again. The runs stay in --out
-for analyze.py, steer.py and sae.py (sae.py reads the no-codebook row).
+is then the one recorded in the log, marked *); delete the directory to train it again. A row directory that holds
+anything else (a run of another configuration, a user's files) is refused, before any row is trained. The runs stay
+in --out for analyze.py, steer.py and sae.py (sae.py reads the no-codebook row).
 """
 
+import ast
 import json
 import os
 import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configuration import ConfigError, cli, is_out_dir, parse_config, spec, split_list, validate  # noqa: E402
+from configuration import (ConfigError, cli, is_out_dir, load_preset, parse_config, spec, split_list,  # noqa: E402
+                           validate)
+from model import GPTConfig  # noqa: E402
 from progress import progress  # noqa: E402
-from rundir import load_checkpoint  # noqa: E402
+from rundir import claim, dir_problem, load_checkpoint, mark  # noqa: E402
 
 ROWS = {  # name: (label, arguments of `python train.py`); the laptop rows use config/laptop.py, quick is the default
     "nocb": ("no codebooks (laptop)", ["config/laptop.py", "--codebook_sites="]),
@@ -56,6 +60,33 @@ def last_eval(out):
         return None
     done = ckpt["iter_num"] == ckpt["train_config"]["max_iters"] and evals and evals[-1]["iter"] == ckpt["iter_num"]
     return evals[-1] if done else None
+
+
+def row_problem(args, path):
+    """None if the directory `path` may hold the row `python train.py *args`: it is new or empty, or holds a run
+    whose checkpoint has the row's settings (its preset's and flags', and the model's defaults otherwise); else the
+    problem, in words."""
+    problem = dir_problem(path, "train")
+    if problem or not os.path.isfile(os.path.join(path, "ckpt.pt")):
+        return problem
+    want = {f.name: f.default for f in fields(GPTConfig)}
+    for a in args:
+        if a.startswith("--"):
+            key, value = a[2:].split("=", 1)
+            try:
+                want[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):  # a plain string, e.g. --codebook_sites=
+                want[key] = value
+        else:
+            want.update(load_preset(os.path.join(ROOT, a)))
+    try:
+        ckpt = load_checkpoint(os.path.join(path, "ckpt.pt"))
+    except ConfigError:
+        return None  # a torn checkpoint: the row is trained again
+    have = {**ckpt["train_config"], **ckpt["model_config"]}
+    differ = [f"{k}={have[k]!r}, not {v!r}" for k, v in want.items() if k != "out_dir" and k in have and have[k] != v]
+    return f"holds a run of another configuration ({'; '.join(differ[:3])}): delete it to train the row again, " \
+        "or choose another --out" if differ else None
 
 
 def run_row(name, args, out, threads):
@@ -99,11 +130,18 @@ class TableConfig:
 
     def __post_init__(self):
         validate(self)
+        claim(self.out, "fsm-table", "out")  # no other kind, no user's folder
 
 
 def main(argv):
     cfg = parse_config(argv, TableConfig)
     rows = split_list(cfg.rows)
+    for name in rows:  # every row directory is checked before the first is trained
+        problem = row_problem(ROWS[name][1], os.path.join(cfg.out, name))
+        if problem:
+            raise ConfigError(f"the row {name} ({os.path.join(cfg.out, name)}) {problem}")
+    os.makedirs(cfg.out, exist_ok=True)
+    mark(cfg.out, "fsm-table")
     results = {name: run_row(name, ROWS[name][1], cfg.out, cfg.threads) for name in progress(rows, desc="rows")}
     print(table(results, cfg.threads))
 

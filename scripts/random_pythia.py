@@ -18,6 +18,7 @@ from dataclasses import dataclass
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # build from a config: no hub
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configuration import cli, is_out_dir, parse_config, spec, validate  # noqa: E402
+from rundir import claim, mark  # noqa: E402
 
 # hidden size, layers, heads of the two shapes this script writes
 SIZES = {"70m": (512, 6, 8), "tiny": (128, 2, 4)}
@@ -38,6 +39,7 @@ class RandomPythiaConfig:
 
     def __post_init__(self):
         validate(self)
+        claim(self.out, "pythia", "out")  # no other kind, no user's folder
 
 
 def main(argv):
@@ -63,6 +65,7 @@ def main(argv):
     transformers.GPTNeoXForCausalLM(cfg).save_pretrained(args.out)
     if args.tokenizer:
         shutil.copy(args.tokenizer, os.path.join(args.out, "tokenizer.json"))
+    mark(args.out, "pythia")
     print(f"wrote a random {args.size}-shaped GPT-NeoX to {args.out}")
 
 

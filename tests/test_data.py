@@ -20,7 +20,7 @@ from evaluate import evaluate_lm
 from model import GPT, GPTConfig
 from conftest import write_bpe, write_tiktoken
 from configuration import ConfigError
-from rundir import staged_dir
+from rundir import MARKER, kind_of, staged_dir
 from tokens import EOT, gpt2_tokenizer, load_codec, load_tokenizer, load_tokens, neox_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,19 +156,20 @@ def test_gpt2_tokenizer_rejects_another_file(tmp_path):
 
 def test_staged_dir_keeps_the_earlier_result_on_error(tmp_path):
     """staged_dir, which data/prepare.py writes a dataset through: an error inside leaves `path` as it was and
-    no staging directory behind; a completed block replaces `path` as a whole."""
+    no staging directory behind; a completed block replaces `path` as a whole, with the marker of its kind."""
     out = tmp_path / "data"
     out.mkdir()
-    (out / "meta.json").write_text("old")
+    (out / "meta.json").write_text("old")  # a dataset written before markers existed
     with pytest.raises(ConfigError):
-        with staged_dir(str(out)) as tmp:
+        with staged_dir(str(out), "dataset") as tmp:
             open(os.path.join(tmp, "meta.json"), "w").write("half")
             raise ConfigError("a failure half way")
     assert os.listdir(tmp_path) == ["data"] and os.listdir(out) == ["meta.json"]
     assert (out / "meta.json").read_text() == "old"
-    with staged_dir(str(out)) as tmp:
+    with staged_dir(str(out), "dataset") as tmp:
         open(os.path.join(tmp, "train.bin"), "wb").write(b"new")
-    assert os.listdir(tmp_path) == ["data"] and os.listdir(out) == ["train.bin"]
+    assert os.listdir(tmp_path) == ["data"] and sorted(os.listdir(out)) == [MARKER, "train.bin"]
+    assert kind_of(str(out))[0] == "dataset"
 
 
 # ---------------------------------------------------------------------------------------------- prepare.py

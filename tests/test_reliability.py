@@ -377,7 +377,8 @@ def test_analysis_is_written_whole_or_not_at_all(tmp_path, fx, monkeypatch):
     out = tmp_path / "run"
     shutil.copytree(fx["run"], out)
     analyze.main([f"--out_dir={out}", "--num_seqs=16", "--device=cpu", "--html_codes=2"])
-    assert sorted(p.name for p in (out / "analysis").iterdir())[:3] == ["browser.html", "codes.pt", "freq.png"]
+    assert sorted(p.name for p in (out / "analysis").iterdir())[:4] == [".codebook-kind.json", "browser.html",
+                                                                        "codes.pt", "freq.png"]  # with its kind
     before = {p.name: p.read_bytes() for p in (out / "analysis").iterdir()}
 
     def fail(*a, **k):
@@ -387,7 +388,7 @@ def test_analysis_is_written_whole_or_not_at_all(tmp_path, fx, monkeypatch):
     with pytest.raises(OSError):
         analyze.main([f"--out_dir={out}", "--num_seqs=32", "--device=cpu"])
     assert {p.name: p.read_bytes() for p in (out / "analysis").iterdir()} == before
-    assert sorted(p.name for p in out.iterdir()) == ["analysis", "ckpt.pt", "log.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [".codebook-kind.json", "analysis", "ckpt.pt", "log.jsonl"]
 
 
 HANGING_SHUTDOWN = """

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from analyze import collect_codes, precision_recall, regex_mask
 from configuration import ConfigError, cli, is_device, is_out_dir, parse_config, spec, split_list, validate
 from files import read_json
+from memory import check_topics
 from model import load_run
 from progress import progress
 from rundir import staged_dir
@@ -198,6 +199,7 @@ def main(argv):
                           "(analyze.py and steer.py read TokFSM runs)")
     data = cfg.dataset or ckpt["train_config"]["dataset"]
     codec = load_tokenizer(data)[0]
+    check_topics(cfg, model.config, data, cfg.device)  # sizes that cannot fit stop here
     topics = parse_topics(cfg.topics)
     if cfg.frequent:  # counted on the training text, before any steering
         train = load_tokens(data, model.config.block_size, model.config.vocab_size)[0]

@@ -128,6 +128,7 @@ def topic_codes(col, tok, regex, window=16, top=5, min_count=10):
     with col["books"]) decoded by tok(id) -> str.
     Returns {"context": [(book, code, precision, count)], "dense": [(book, code, precision, texts)]}, best first."""
     hit = regex_mask(col["tokens"], tok, regex)  # (n, T)
+    window = min(window, hit.shape[1])  # a wider window is the whole text, and max_pool1d walks every position of it
     near = F.max_pool1d(hit.float().unsqueeze(1), 2 * window + 1, stride=1, padding=window).squeeze(1) > 0
     topical = hit.any(1)  # (n,) texts that match
     ctx, dense = [], []

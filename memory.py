@@ -75,7 +75,9 @@ def need(estimate, v):
     """(bytes, {term: bytes}) of estimate(v) = ({kept term: bytes}, [{phase term: bytes}, ...]): what is kept plus
     the largest phase, and the terms of that sum."""
     kept, phases = estimate(v)
-    terms = {**kept, **max(phases, key=lambda p: sum(p.values()), default={})}
+    terms = dict(kept)
+    for name, b in max(phases, key=lambda p: sum(p.values()), default={}).items():
+        terms[name] = terms.get(name, 0) + b
     return sum(terms.values()), terms
 
 
@@ -107,22 +109,25 @@ def check(estimate, v, options, device, usual=None):
         return total
     shown = ", ".join(f"{name} {size(b)}" for name, b in sorted(terms.items(), key=lambda t: -t[1])[:4]
                       if b >= total / 100)
+    usual = usual or {}
+
+    def beyond(key):  # set past its default, on the side that costs memory
+        d = usual.get(key)
+        return d is not None and (v[key] > d if options[key] < v[key] else v[key] < d)
     fixes = []
     for key, bound in options.items():
-        if v.get(key) is not None and v[key] != bound:
-            x = fit(estimate, v, key, bound, limit)
-            if x is not None:
-                lower, d = bound < v[key], (usual or {}).get(key)
-                beyond = d is not None and (v[key] > d if lower else v[key] < d)
-                change = abs(math.log(max(x, 1) / max(v[key], 1)))
-                to = f"to {x}" if x == bound else f"to about {x:,}"
-                fixes.append((not beyond, not lower, change, f"{'lower' if lower else 'raise'} --{key} ({to})"))
+        x = fit(estimate, v, key, bound, limit) if v.get(key) not in (None, bound) else None
+        if x is not None:
+            verb = "lower" if bound < v[key] else "raise"
+            to = f"to {x}" if x == bound else f"to about {x:,}"
+            change = abs(math.log(max(x, 1) / max(v[key], 1)))
+            fixes.append((not beyond(key), verb == "raise", change, f"{verb} --{key} ({to})"))
     fixes.sort()
     if fixes and not fixes[0][0]:  # options beyond their default can do it: name those only
         fixes = [f for f in fixes if not f[0]]
-    beyond = [k for k in options if v.get(k) is not None and (usual or {}).get(k) not in (None, v[k])]
+    culprits = [key for key in options if v.get(key) is not None and beyond(key)]
     fix = " or ".join(f[-1] for f in fixes[:3]) or "no single option makes it fit: " + \
-        (f"lower --{' and --'.join(beyond)}, or " if beyond else "") + "use a device with more memory"
+        (f"lower --{' and --'.join(culprits)}, or " if culprits else "") + "use a device with more memory"
     where = f"CODEBOOK_MEMORY_LIMIT allows {size(limit)}" if os.environ.get("CODEBOOK_MEMORY_LIMIT", "").strip() \
         else f"{device_of(str(device))} has {size(limit)} available"
     raise ConfigError(f"this configuration needs about {size(total)} ({shown}) but {where}: {fix}")
@@ -309,7 +314,7 @@ def check_training(cfg, gcfg, world, device):
     return check(training, v, options, device, defaults(cfg, gcfg))
 
 
-# ---------------------------------------------------------------------------------------------- the tools that read a run
+# ---------------------------------------------------------------------------------------------- tools that read a run
 # Their model is loaded when they check: its weights are spent already, and only what is still to come is estimated.
 def sampling(v):
     """sample.py: the buffers of `generation`."""

@@ -1,12 +1,13 @@
 """memory.py: the estimate against measured peaks (within a factor of 2), and every size option of every entry point
 refused at an absurd value, in one line, before any allocation.
 
-Options that are not in SIZES cannot make a run outgrow the machine, whatever their value: codebook_chunk (a chunk
-holds at most the tokens of a batch), analyze.py's batch_size, top, html_codes and contexts and topics.py's
-batch_size, window, top and codes_per_topic (bounded by the data or the codes), max_tokens and an LM's eval_seqs
-(bounded by the val tokens), steer.py's max_new_tokens on TokFSM (bounded by block_size), topics.py's frequent (its
-cost is the training text's size: "training text" in memory.topic_search), counts of steps (max_iters, sae.py's steps:
-a step's memory does not grow with them) and bench.py's repeats (at most 1,000)."""
+The size options not in SIZES cannot make a run outgrow the machine on their own: codebook_chunk (a chunk holds at
+most a batch's tokens), n_head and gradient_accumulation_steps (they must divide n_embd and batch_size, refused when
+those are too large), sample.py's top_k (at most the vocabulary), analyze.py's batch_size, top, html_codes and
+contexts and topics.py's batch_size, window, top and codes_per_topic (bounded by the data or the codes), max_tokens
+and an LM's eval_seqs (bounded by the val tokens), steer.py's max_new_tokens on TokFSM (bounded by block_size),
+topics.py's frequent (its cost is the training text's size, memory.topic_search's "training text"), counts of steps
+(max_iters, sae.py's steps: a step's memory does not grow with them) and bench.py's repeats (at most 1,000)."""
 
 import json
 import os
@@ -84,8 +85,8 @@ def test_kmeans_bound_is_codebooks():
 # ---------------------------------------------------------------------------------------------- absurd sizes
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Runs the tools read, written directly (untrained weights, past codebook_start): a TokFSM model with codebooks, one without, and a
-    language model on a tiny prepared dataset."""
+    """Runs the tools read, written directly (untrained weights, past codebook_start): a TokFSM model with codebooks,
+    one without, and a language model on a tiny prepared dataset."""
     w = tmp_path_factory.mktemp("runs")
 
     def run(name, dataset="fsm", **model):

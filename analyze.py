@@ -43,6 +43,7 @@ from configuration import ConfigError, cli, is_device, is_out_dir, is_regex, par
 from evaluate import dictionary_metrics, reference_loss
 from files import read_json, read_torch
 from fsm import TokFSM
+from memory import check_analysis
 from model import load_run
 from progress import progress
 from rundir import claim, staged_dir
@@ -373,6 +374,7 @@ def main(argv):
         raise ConfigError(f"{cfg.out_dir} has no codebooks (codebook_sites={model.config.codebook_sites!r}): "
                           "nothing to analyse; train with codebooks")
     tc = ckpt["train_config"]
+    check_analysis(cfg, model.config, tc, cfg.device)  # sizes that cannot fit stop here
     fsm = TokFSM(tc["num_states"], tc["num_edges"], tc["fsm_seed"]) if tc.get("dataset", "fsm") == "fsm" else None
     if fsm is None:  # the tokenizer first: fail before the model runs
         tok = vocab_strings(load_tokenizer(cfg.dataset or tc["dataset"])[0])

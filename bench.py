@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from codebook import CodebookLayer
 from configuration import cli, is_device, load_preset, parse_config, spec, split_config, validate
 from fsm import TokFSM
+from memory import peak
 from model import GPT, GPTConfig
 
 # (name, N tokens, dim, groups, num_codes, k): the shapes of the performance goals
@@ -50,7 +51,7 @@ class BenchConfig:
     only: str = spec("layer,step,generate", each=("layer", "step", "generate", "profile"))  # parts to run
     device: str = spec("cpu", check=is_device)
     dtype: str = spec("float32", ("float32", "bfloat16"))  # bfloat16: autocast
-    repeats: int = spec(5, ">= 1")  # timed repeats per measurement (after one warm-up)
+    repeats: int = spec(5, "[1, 1000]")  # timed repeats per measurement (after one warm-up)
     mem: bool = True  # measure peak memory per shape (one subprocess each)
     compile: bool = False  # torch.compile the layer / model
     mem_shape: str = spec("", ("", *(s[0] for s in SHAPES)))  # internal: one shape's memory, printed as JSON
@@ -104,25 +105,10 @@ def floor_fn(layer, x):
 
 
 def layer_memory(shape, device, compile_):
-    """Peak bytes above the inputs for one forward + backward (run in a fresh process). On CPU: the peak
-    resident set size (Linux VmHWM, reset through /proc/self/clear_refs) minus the resident size before."""
+    """Peak bytes above the inputs for one forward + backward (run in a fresh process): memory.peak, on CPU the
+    peak resident set size (Linux VmHWM) above the resident size before."""
     layer, x, step = make_layer(shape, device, compile_)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-
-    def status(key):  # kB in /proc/self/status
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
-    base = status("VmRSS:")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak (VmHWM) to the current resident size
-    step()
-    return status("VmHWM:") - base
+    return peak(step, device)[1]
 
 
 def bench_layer(cfg, autocast):

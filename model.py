@@ -79,7 +79,7 @@ class GPTConfig:
             raise ConfigError(f"n_embd={self.n_embd} is not divisible by codebook_groups={g}: pick a divisor of n_embd")
         if self.sites and self.k > self.num_codes:
             raise ConfigError(f"k={self.k} must be in [1, num_codes={self.num_codes}]: lower k or raise num_codes")
-        bad = [i for i in self.layers if not i < self.n_layer]
+        bad = [i for i in map(int, split_list(self.codebook_layers)) if not i < self.n_layer]  # named ones only
         if bad:
             raise ConfigError(f"codebook_layers {bad} out of range for n_layer={self.n_layer}: use 0..{self.n_layer - 1}")
 

@@ -45,6 +45,7 @@ from analyze import collect_codes, fsm_analysis, fsm_readouts, mlp_neurons, neur
 from configuration import ConfigError, cli, is_device, is_out_dir, parse_config, spec, validate
 from evaluate import bypassed, dictionary_metrics
 from fsm import TokFSM
+from memory import check_sae
 from model import load_run
 from progress import progress
 from rundir import claim, staged_dir
@@ -270,6 +271,7 @@ def main(argv):
         raise ConfigError(f"{cfg.out_dir} must be a TokFSM run without codebooks (train one with --codebook_sites=)")
     for p in model.parameters():
         p.requires_grad_(False)
+    check_sae(cfg, model.config, tc, cfg.device)  # sizes that cannot fit stop here
     fsm = TokFSM(tc["num_states"], tc["num_edges"], tc["fsm_seed"])
     torch.manual_seed(cfg.seed)
     saes = insert_saes(model, [s.strip() for s in cfg.sites.split(",")], cfg.k, cfg.num_latents)

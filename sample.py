@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from configuration import ConfigError, autocast_for, cli, is_device, parse_config, read_text, spec, validate
+from memory import check_sampling
 from model import load_run
 from progress import forward_progress
 from tokens import load_tokenizer
@@ -61,6 +62,7 @@ def main(argv):
               "are untrained; --bypass=true samples without them", file=sys.stderr)
     device = next(model.parameters()).device
     prompt = [codec.eot] + (codec.encode([start])[0] if start else [])
+    check_sampling(cfg, model.config, len(prompt), device)  # sizes that cannot fit stop here
     idx = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long, device=device)  # (num_samples, T)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     with autocast_for(device.type), forward_progress(model, cfg.max_new_tokens + 1, "sampling"):

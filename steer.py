@@ -48,6 +48,7 @@ from configuration import ConfigError, cli, is_device, parse_config, spec, split
 from evaluate import evaluate_fsm, evaluate_lm
 from files import atomic_write
 from fsm import TokFSM
+from memory import check_steering
 from model import load_run
 from progress import progress
 from rundir import is_out_file
@@ -399,6 +400,7 @@ def main(argv):
     parse_codes(model, cfg.force), parse_codes(model, cfg.ablate)  # name errors first
     if fsm is None and cfg.task == "fsm":
         raise ConfigError(f"{cfg.out_dir} is a language model: --task=fsm needs a TokFSM run")
+    check_steering(cfg, model.config, tc, cfg.device)  # sizes that cannot fit stop here
     codec = None if fsm else load_tokenizer(cfg.dataset or tc["dataset"])[0]
     torch.manual_seed(cfg.seed)
     res = {"fsm": lambda: task_fsm(cfg, model, fsm), "generate": lambda: task_generate(cfg, model, fsm, codec),

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from analyze import collect_codes, precision_recall, regex_mask
 from configuration import ConfigError, cli, is_device, is_out_dir, parse_config, spec, split_list, validate
 from files import read_json
+from memory import check_topics
 from model import load_run
 from progress import progress
 from rundir import claim, staged_dir
@@ -128,6 +129,7 @@ def topic_codes(col, tok, regex, window=16, top=5, min_count=10):
     with col["books"]) decoded by tok(id) -> str.
     Returns {"context": [(book, code, precision, count)], "dense": [(book, code, precision, texts)]}, best first."""
     hit = regex_mask(col["tokens"], tok, regex)  # (n, T)
+    window = min(window, hit.shape[1])  # a wider window is the whole text, and max_pool1d walks every position of it
     near = F.max_pool1d(hit.float().unsqueeze(1), 2 * window + 1, stride=1, padding=window).squeeze(1) > 0
     topical = hit.any(1)  # (n,) texts that match
     ctx, dense = [], []
@@ -199,6 +201,7 @@ def main(argv):
                           "(analyze.py and steer.py read TokFSM runs)")
     data = cfg.dataset or ckpt["train_config"]["dataset"]
     codec = load_tokenizer(data)[0]
+    check_topics(cfg, model.config, data, cfg.device)  # sizes that cannot fit stop here
     topics = parse_topics(cfg.topics)
     if cfg.frequent:  # counted on the training text, before any steering
         train = load_tokens(data, model.config.block_size, model.config.vocab_size)[0]

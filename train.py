@@ -47,6 +47,7 @@ from configuration import (ConfigError, autocast_for, build, cli, device_of, is_
 from ddp import AllFinite, end_process_group
 from evaluate import evaluate_fsm, evaluate_lm
 from fsm import TokFSM
+from memory import check_training
 from model import GPT, GPTConfig
 from progress import eta
 from rundir import DirLock, RunLog, claim, load_checkpoint, load_state, remove_leftovers, save_checkpoint
@@ -346,6 +347,11 @@ def setup(argv):
                           micro=cfg.batch_size // (world * cfg.gradient_accumulation_steps), resumed=ckpt is not None,
                           iter_num=ckpt["iter_num"] if ckpt else 0, train_time=0.0, lock=None, log=None,
                           ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"))
+    run.device = device_of(cfg.device)
+    if ddp and run.device.startswith("cuda"):
+        run.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(run.device)
+    check_training(cfg, gcfg, world, run.device)  # sizes that cannot fit stop here, before the first big allocation
     if cfg.dataset == "fsm":
         run.fsm = TokFSM(cfg.num_states, cfg.num_edges, cfg.fsm_seed)
         run.eval_x, run.eval_y = run.fsm.eval_set(cfg.eval_seqs, gcfg.block_size)
@@ -353,10 +359,6 @@ def setup(argv):
         run.train_data, run.val_data = load_tokens(cfg.dataset, gcfg.block_size, gcfg.vocab_size)
         run.eval_ix = torch.randint(len(run.val_data) - gcfg.block_size, (cfg.eval_iters * run.micro,),
                                     generator=torch.Generator().manual_seed(1234))
-    run.device = device_of(cfg.device)
-    if ddp and run.device.startswith("cuda"):
-        run.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(run.device)
     run.autocast = autocast_for(run.device, cfg.dtype)
     if rank == 0:  # own out_dir before looking at what it holds; temporary files left by a killed run go
         run.lock = DirLock(cfg.out_dir)

@@ -455,7 +455,7 @@ def test_sae(args, needles, world, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------- bench.py
 BENCH = [
     ("misspelled part", ["--only=layers"], ["'layers'", "layer, step, generate, profile"]),
-    ("zero repeats", ["--repeats=0"], ["repeats=0", ">= 1"]),
+    ("zero repeats", ["--repeats=0"], ["repeats=0", "[1, 1000]"]),
     ("CUDA device on a machine without one", ["--device=cuda"], ["device='cuda'", "cpu"]),
     ("dtype outside the choices", ["--dtype=float16"], ["dtype='float16'", "'bfloat16'"]),
     ("unknown shape", ["--mem_shape=z"], ["mem_shape='z'"]),

@@ -230,6 +230,12 @@ def split_list(text):
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def is_digits(text):
+    """Whether `text` is one or more ASCII digits 0-9: the test for every number a user types. str.isdigit alone
+    also takes "²" (which int() then refuses) and other scripts' digits ("١٢", which int() reads as 12)."""
+    return text.isascii() and text.isdigit()
+
+
 def build(cls, values, what=None):
     """cls(**values) with unknown keys and bad values as ConfigError."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -327,6 +333,8 @@ def _parse_value(key, text, typ):
         if text.lower() in ("0", "false", "no"):
             return False
         raise ConfigError(f"--{key}={text}: expected true or false")
+    if typ in (int, float) and not (is_digits(text.lstrip("+-")) if typ is int else text.isascii() and "_" not in text):
+        raise ConfigError(f"--{key}={text}: expected {typ.__name__}, written in ASCII digits")
     try:
         return typ(text)
     except ValueError:

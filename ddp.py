@@ -45,7 +45,7 @@ def _gone(pid):
         return False
 
 
-def lost_peer(exc, peers, wait_s=1.0):
+def lost_peer(exc, peers, wait_s=2.0):
     """The other rank(s) that made this one stop, as far as can be known: "rank 1 (pid 123, which no longer runs)"
     for the ranks of this host whose process ended (waiting up to `wait_s` for one: a killed process closes its
     connections a moment before it is gone), "the connection to another rank (...)" for a network error of the

@@ -333,6 +333,9 @@ def prepare(dataset, args):
             except UnicodeDecodeError as e:
                 raise ConfigError(f"{sources[s]} is not UTF-8 text (byte {e.start}): convert it or pass another "
                                   "file") from None
+            if n_doc == 0:  # an empty or blank file: a dataset without text would only fail later
+                raise ConfigError(f"{sources[s]} holds no text, so {s}.bin would hold no tokens: pass a file with "
+                                  f"{'stories' if dataset == 'tinystories' else 'articles'}")
             meta["tokens"][s], meta["documents"][s] = n_tok, n_doc
             print(f"{s}: {n_doc:,} documents, {n_tok:,} tokens -> {os.path.join(out, s + '.bin')}")
         with atomic_write(os.path.join(tmp, "meta.json")) as f:

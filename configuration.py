@@ -71,7 +71,7 @@ def require(module, purpose, package=None):
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as e:
-        if e.name != module.split(".")[0]:
+        if (e.name or "").split(".")[0] != module.split(".")[0]:
             raise
         package = package or e.name
         raise ConfigError(f"{purpose} needs the Python package {package}, which is not installed: "

@@ -143,6 +143,8 @@ def world(tmp_path_factory):
     open(j("bad_meta", "meta.json"), "w").write('{"tokenizer": "gpt2", "vocab')  # torn
     pythia_dir(j("pythia_missing_shard"), missing_shard=True)
     pythia_dir(j("llama"), arch="llama")
+    pythia_dir(j("pythia_junk"))
+    open(j("pythia_junk", "model.safetensors"), "w").write("not weights\n")
     # a language model: prepared text (a BPE trained on it), a tiny random checkpoint and its topic codes
     data = write_lm_dataset(j("lm_data"), "Once upon a time there was a dragon and a king. " * 40)
     model = GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=16, vocab_size=384,
@@ -525,15 +527,16 @@ def test_prepare(args, needles, world, tmp_path, capsys):
 # a missing package is named as such, never reported as a bad file: each case hides one that the step needs
 MISSING = [
     ("tokenizers", sample.main, SAMPLE_ARGS, {}),
-    ("tqdm", sample.main, SAMPLE_ARGS, {"CODEBOOK_PROGRESS": "1"}),
+    ("tqdm", sample.main, [*SAMPLE_ARGS, "--bypass=true"], {"CODEBOOK_PROGRESS": "1"}),  # bars on
     ("matplotlib", analyze.main, AN, {}),
-    ("safetensors", train.main, ["--init_from={pythia_missing_shard}", *PYTHIA], {}),
+    ("safetensors", train.main, ["--init_from={pythia_junk}", *PYTHIA], {}),  # not "cannot be read as weights"
 ]
 
 
 @pytest.mark.parametrize("package,entry,args,env", MISSING, ids=[m[0] for m in MISSING])
 def test_missing_package(package, entry, args, env, world, tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, package, None)  # `import package` now fails as if it were not installed
+    for name in [package] + [m for m in sys.modules if m.startswith(package + ".")]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import package` now fails as if it were not installed
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     check(entry, args, [f"needs the Python package {package}", f"pip install {package}"], world, tmp_path, capsys)

@@ -147,6 +147,8 @@ def _ending(e, main):
     else:
         raise e
     if int(os.environ.get("LOCAL_RANK", 0)) != 0:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun's SIGTERM ends this wait, silently
         time.sleep(5)
     return msg
 

@@ -25,7 +25,8 @@ out_dir it was read from and may change only the options in RESUMABLE.
 Output in out_dir, which one process owns at a time: ckpt.pt (written atomically) and log.jsonl (one JSON object
 per log line and per evaluation). A run that replaces another (--overwrite=true) leaves it whole until its own
 first checkpoint. A non-finite loss or weight stops the run and keeps the last good checkpoint (nan_policy="skip"
-skips such steps instead).
+skips such steps instead); so do Ctrl-C, SIGTERM, a lost DDP rank and a full disk, each in one line that names the
+checkpoint kept and the command that resumes. A run that stops early cuts log.jsonl back to that checkpoint.
 """
 
 import glob

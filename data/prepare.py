@@ -133,13 +133,13 @@ def wikitext_download(raw):
         except Exception as e:
             raise ConfigError(_offline("HF wikitext/wikitext-103-v1", e, hint)) from None
         for split, s in (("train", "train"), ("validation", "valid"), ("test", "test")):
-            with open(paths[s], "w", encoding="utf-8") as f:  # HF rows are the file's lines; blank " " lines are ""
+            with atomic_write(paths[s]) as f:  # HF rows are the file's lines; blank " " lines are ""
                 f.writelines(row if row else " \n" for row in ds[split]["text"])
         return paths
     archive = fetch(WIKITEXT_ZIP, os.path.join(raw, "wikitext-103-v1.zip"), hint)
     with zipfile.ZipFile(archive) as z:
         for s, p in paths.items():
-            with z.open(f"wikitext-103/wiki.{s}.tokens") as src, open(p, "wb") as dst:
+            with z.open(f"wikitext-103/wiki.{s}.tokens") as src, atomic_write(p, "wb") as dst:  # whole or not at all
                 shutil.copyfileobj(src, dst)
     return paths
 

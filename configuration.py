@@ -65,16 +65,16 @@ class Interrupted(KeyboardInterrupt):
 
 
 def require(module, purpose, package=None):
-    """importlib.import_module(module), or a ConfigError saying that `purpose` needs the package and how to install
-    it (package: its pip name, when not the module's own). An ImportError from inside an installed package is not
-    caught: that package is broken, not missing."""
+    """importlib.import_module(module), or a ConfigError naming the package, what needs it (`purpose`) and how to
+    install it (package: its pip name, when not the module's own). An ImportError from inside an installed package
+    is not caught: that package is broken, not missing."""
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] != module.split(".")[0]:
             raise
         package = package or e.name
-        raise ConfigError(f"{purpose} needs the Python package {package}, which is not installed: "
+        raise ConfigError(f"the Python package {package}, needed for {purpose}, is not installed: "
                           f"pip install {package} (or pip install -r requirements.txt)") from None
 
 

@@ -539,7 +539,7 @@ def test_missing_package(package, entry, args, env, world, tmp_path, capsys, mon
         monkeypatch.setitem(sys.modules, name, None)  # `import package` now fails as if it were not installed
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    check(entry, args, [f"needs the Python package {package}", f"pip install {package}"], world, tmp_path, capsys)
+    check(entry, args, [f"the Python package {package}, needed for", f"pip install {package}"], world, tmp_path, capsys)
 
 
 ALL = {"train.py": TRAIN, "sample.py": SAMPLE, "analyze.py": ANALYZE, "steer.py": STEER, "topics.py": TOPICS,

@@ -285,7 +285,7 @@ def fsm_analysis(col, fsm, model=None, device="cpu", batch_size=256):
 def state_codes(model, path):
     """{state: (codebook, group, code)}: each state's code by F1 over the MLP books, from analyze.py's fsm.json."""
     per_state = read_json(path, "analyze.py's fsm.json", "run analyze.py on this model").get("mlp", {}).get("per_state")
-    if not isinstance(per_state, list):
+    if not isinstance(per_state, list) or not per_state:
         raise ConfigError(f"{path} holds no state codes (mlp.per_state): run analyze.py on a model with MLP codebooks")
     books = {book: (name, g) for book, name, g, _ in model.books()}
     try:
@@ -295,8 +295,9 @@ def state_codes(model, path):
 
 
 # ---------------------------------------------------------------------------------------------- language
-def regex_mask(tokens, tok, regex):
-    """(n, T) bool: tokens that overlap a match of `regex` (case-insensitive) in their row's decoded text."""
+def regex_mask(tokens, tok, regex, what=None):
+    """(n, T) bool: tokens that overlap a match of `regex` (case-insensitive) in their row's decoded text. what: the
+    regex's name for a ConfigError when nothing matches (a concept without examples would still get codes)."""
     pattern = re.compile(regex, re.I)
     mask = torch.zeros(tokens.shape, dtype=torch.bool)
     for i, row in enumerate(tokens.tolist()):
@@ -305,6 +306,9 @@ def regex_mask(tokens, tok, regex):
         starts = ends - torch.tensor([len(s) for s in strs])
         for m in pattern.finditer("".join(strs)):
             mask[i] |= (starts < max(m.end(), m.start() + 1)) & (ends > m.start())
+    if what and not mask.any():
+        raise ConfigError(f"{what} matches nothing in the {tokens.numel():,} tokens read: fix it or pick another, "
+                          "or read more text (--max_tokens)")
     return mask
 
 
@@ -328,7 +332,7 @@ def report_regex(out, cfg, col, tok):
     list; returns each code's precision and recall for the browser (topics.py finds topic codes)."""
     if not cfg.regex:
         return None
-    target = regex_mask(col["tokens"], tok, cfg.regex)
+    target = regex_mask(col["tokens"], tok, cfg.regex, f"--regex={cfg.regex!r}")
     found = concept_search(col, target, cfg.top)
     print(f"\n{cfg.regex!r} ({int(target.sum())} tokens): codes by F1 as token detectors")
     for b, c, p, r, n in found:

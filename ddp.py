@@ -1,19 +1,77 @@
 """
-torch.distributed plumbing for train.py: leaving the process group without hanging, and one finite check over
-every rank.
+torch.distributed plumbing for train.py: joining the process group, leaving it without hanging, one finite check
+over every rank, and naming a rank that was lost.
 """
 
 import os
+import re
+import socket
 import sys
 import threading
+import time
+import warnings
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 
-def end_process_group(timeout_s=60.0, failed=False):
+def join_process_group(model, device, find_unused):
+    """Join the process group (nccl on CUDA, gloo on CPU) and wrap the model in DDP, its buffers (code counts) left
+    to sync_counts. find_unused: some parameters get no gradient (bypassed codebooks, before codebook_start).
+    Returns (the DDP model, [(host, pid)] of every rank: `lost_peer` names a rank that vanishes by it)."""
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    ids = [torch.device(device).index] if device.startswith("cuda") else None
+    with warnings.catch_warnings():  # torch 2.13 deprecates broadcast_buffers=False, with no replacement yet
+        warnings.filterwarnings("ignore", ".*broadcast_buffers", FutureWarning)
+        model = DDP(model, device_ids=ids, broadcast_buffers=False, find_unused_parameters=find_unused)
+    peers = [None] * dist.get_world_size()
+    dist.all_gather_object(peers, (socket.gethostname(), os.getpid()))
+    return model, peers
+
+
+def _gone(pid):
+    """Whether process `pid` of this host no longer runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def lost_peer(exc, peers, wait_s=2.0):
+    """The other rank(s) that made this one stop, as far as can be known: "rank 1 (pid 123, which no longer runs)"
+    for the ranks of this host whose process ended (waiting up to `wait_s` for one: a killed process closes its
+    connections a moment before it is gone), "the connection to another rank (...)" for a network error of the
+    backend, else None. peers: [(host, pid)] of every rank (`join_process_group`)."""
+    host, deadline = socket.gethostname(), time.time() + wait_s
+    while True:
+        lost = [(r, pid) for r, (h, pid) in enumerate(peers) if h == host and pid != os.getpid() and _gone(pid)]
+        if lost or time.time() > deadline:
+            break
+        time.sleep(0.02)
+    if len(lost) == 1:
+        return f"rank {lost[0][0]} (pid {lost[0][1]}, which no longer runs)"
+    if lost:
+        return "ranks " + ", ".join(f"{r} (pid {pid})" for r, pid in lost) + ", which no longer run"
+    text = str(exc).strip()
+    if isinstance(exc, dist.DistError) or re.search(r"gloo|NCCL|Connection (closed|reset)|Broken pipe", text):
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else "").split(". ")[0][:160]
+        return f"the connection to another rank ({reason})"
+    return None
+
+
+def end_process_group(timeout_s=60.0, failed=False, barrier=True):
     """Leave torch.distributed: a barrier, then destroy_process_group (without the barrier gloo can abort at exit).
     Both can hang, rarely, once the work is done (a known torch problem, seen here with gloo); after `timeout_s`
-    seconds the process exits (status 1 if `failed`, else 0) with a warning, its outputs being complete already."""
+    seconds the process exits (status 1 if `failed`, else 0) with a warning, its outputs being complete already.
+    barrier=False: the ranks no longer meet (one was lost or interrupted mid-step), so only destroy."""
     done = threading.Event()
 
     def watchdog():
@@ -22,8 +80,9 @@ def end_process_group(timeout_s=60.0, failed=False):
                   "(every output was written before)", file=sys.stderr, flush=True)
             os._exit(1 if failed else 0)
     threading.Thread(target=watchdog, daemon=True).start()
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    if barrier:
+        dist.barrier()
+    dist.destroy_process_group()
     done.set()
 
 
@@ -38,5 +97,5 @@ class AllFinite:
     def __call__(self, *tensors):
         self.flag.copy_(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
         if self.ddp:
-            torch.distributed.all_reduce(self.flag, op=torch.distributed.ReduceOp.MIN)
+            dist.all_reduce(self.flag, op=dist.ReduceOp.MIN)
         return bool(self.flag.item())

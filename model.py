@@ -27,14 +27,14 @@ import torch.nn.functional as F
 
 import pythia
 from codebook import CodebookLayer
-from configuration import ConfigError, build, device_of, spec, split_list, validate
+from configuration import ConfigError, build, device_of, is_digits, spec, split_list, validate
 from rundir import load_checkpoint, load_state
 
 SITES = ("attn_heads", "attn", "mlp")
 
 
 def _is_layer_list(text):
-    ok = all(i.isdigit() for i in split_list(text))
+    ok = all(is_digits(i) for i in split_list(text))
     return None if ok else "is not a comma-separated list of layer indices: e.g. --codebook_layers=0,1"
 
 

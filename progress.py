@@ -10,6 +10,8 @@ import os
 import sys
 import time
 
+from configuration import require
+
 
 def enabled():
     """Whether bars are drawn: CODEBOOK_PROGRESS=1 or 0 if set, else whether stderr is a terminal; rank 0 only."""
@@ -19,14 +21,16 @@ def enabled():
     return flag == "1" if flag in ("0", "1") else sys.stderr.isatty()
 
 
+def _tqdm():
+    return require("tqdm", "progress bars (CODEBOOK_PROGRESS=0 turns them off)").tqdm
+
+
 def progress(iterable, total=None, desc=None):
     """`iterable` itself, or wrapped in a tqdm bar on stderr when bars are on. total: its length, when it has none
     (a generator); desc: the bar's label."""
     if not enabled():
         return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, file=sys.stderr, dynamic_ncols=True)
+    return _tqdm()(iterable, total=total, desc=desc, file=sys.stderr, dynamic_ncols=True)
 
 
 @contextlib.contextmanager
@@ -36,9 +40,7 @@ def forward_progress(module, total, desc=None):
     if not enabled():
         yield
         return
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True)
+    bar = _tqdm()(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True)
 
     def count(*_):  # returns None: a forward hook that returned a value would replace the module's output
         bar.update()

@@ -15,9 +15,8 @@ file and the key.
 import os
 
 import torch
-from safetensors.torch import load_file
 
-from configuration import ConfigError
+from configuration import ConfigError, require
 from files import read_json
 
 FIX = "point init_from at a complete local Pythia/GPT-NeoX download"
@@ -90,8 +89,10 @@ def pythia_state_dict(path):
     def load(file):
         if not os.path.exists(file):
             raise ConfigError(f"{file}: shard listed in the index is missing: {FIX}")
+        load_file = require("safetensors.torch", f"reading {file}", "safetensors").load_file if \
+            file.endswith(".safetensors") else None
         try:
-            if file.endswith(".safetensors"):
+            if load_file:
                 return load_file(file)
             return torch.load(file, map_location="cpu", weights_only=True)
         except Exception as e:  # torn or foreign

@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from configuration import require
 
 def occurrences(codes, code, n, seed=0):
     """Up to n (row, position) where `code` fires in codes (rows, T, k): best-ranked slot first, then random."""
@@ -76,8 +77,7 @@ def write_browser(path, col, row_strs, stats, concepts=None, n_codes=100, n_ctx=
 
 
 def pyplot():
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the plots of analyze.py and sae.py")
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 

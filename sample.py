@@ -45,6 +45,9 @@ class SampleConfig:
 def main(argv):
     cfg = parse_config(argv, SampleConfig)
     start = read_text(cfg.start[5:], "prompt file") if cfg.start.startswith("FILE:") else cfg.start
+    if cfg.start.startswith("FILE:") and not start.strip():
+        raise ConfigError(f"prompt file {cfg.start[5:]} is empty: write the prompt into it, or drop --start to sample "
+                          "from the start of a document")
     ckpt, model = load_run(cfg.out_dir, cfg.device)
     data_dir = cfg.dataset or ckpt["train_config"].get("dataset", "fsm")
     if data_dir == "fsm":

@@ -44,7 +44,7 @@ from typing import Optional
 import torch
 
 from analyze import state_codes
-from configuration import ConfigError, cli, is_device, parse_config, spec, split_list, validate
+from configuration import ConfigError, cli, is_device, is_digits, parse_config, spec, split_list, validate
 from evaluate import evaluate_fsm, evaluate_lm
 from files import atomic_write
 from fsm import TokFSM
@@ -95,7 +95,7 @@ def parse_codes(model, text):
                 f"no codebook {book!r}"
             raise ConfigError(f"{what} (in {item!r}); this model has {listing or 'no codebooks'}")
         site, g, cb = named[book]
-        if not code.lstrip("-").isdigit() or not 0 <= int(code) < cb.num_codes:
+        if not is_digits(code) or not 0 <= int(code) < cb.num_codes:
             raise ConfigError(f"no code {code!r} at {book} (in {item!r}): it has codes 0-{cb.num_codes - 1}")
         out.append((site, g, int(code)))
     return out
@@ -314,7 +314,7 @@ def own_code(model, states, state_codes, like, T):
 def encode_prompt(codec, start, fsm_run):
     """BOS/EOT followed by the prompt: digits for TokFSM, text for an LM."""
     if fsm_run:
-        if not start.isdigit() and start:
+        if not is_digits(start) and start:
             raise ConfigError(f"--start={start!r}: a TokFSM prompt is digits, e.g. --start=42")
         return [TokFSM.EOT] + [int(c) for c in start]
     return [codec.eot] + (codec.encode([start])[0] if start else [])

@@ -11,15 +11,16 @@ from collections import namedtuple
 import numpy as np
 import torch
 
-from configuration import ConfigError
+from configuration import ConfigError, require
 from files import read_json
 
 
 def load_tokens(data_dir, block_size, vocab_size):
-    """(train, val): data_dir/{train,val}.bin as 1-D uint16 np.memmaps, checked against the model.
+    """(train, val): data_dir/{train,val}.bin as 1-D uint16 np.memmaps, checked against their meta.json and the model.
 
-    Raises ConfigError for a missing directory or file, a torn meta.json, a tokenizer larger than vocab_size, a
-    file shorter than block_size + 1 tokens, or a token id >= vocab_size."""
+    Raises ConfigError for a missing directory or file, a torn meta.json or one whose vocab_size is not a positive
+    integer, a tokenizer larger than vocab_size, a file of an odd number of bytes (torn, or not uint16 tokens) or
+    shorter than block_size + 1 tokens, or a token id beyond the tokenizer's vocabulary."""
     if not os.path.isdir(data_dir):
         raise ConfigError(f"dataset={data_dir!r} is not a directory: run data/prepare.py to create it, "
                           "or use dataset=fsm")
@@ -27,8 +28,9 @@ def load_tokens(data_dir, block_size, vocab_size):
     if not os.path.isfile(meta_path):
         raise ConfigError(f"{meta_path} is missing: run data/prepare.py to prepare {data_dir}")
     n_vocab = read_json(meta_path, "dataset metadata", "re-run data/prepare.py").get("vocab_size")
-    if not isinstance(n_vocab, int):
-        raise ConfigError(f"{meta_path} has no vocab_size (not written by data/prepare.py?): re-run data/prepare.py")
+    if not isinstance(n_vocab, int) or isinstance(n_vocab, bool) or n_vocab < 1:
+        raise ConfigError(f"{meta_path}: vocab_size is {n_vocab!r}, not a positive integer (not written by "
+                          "data/prepare.py?): re-run data/prepare.py")
     if n_vocab > vocab_size:
         raise ConfigError(f"{meta_path}: the tokenizer has {n_vocab} tokens but vocab_size={vocab_size}: "
                           f"raise vocab_size (e.g. --vocab_size={-(-n_vocab // 64) * 64})")
@@ -37,15 +39,19 @@ def load_tokens(data_dir, block_size, vocab_size):
         path = os.path.join(data_dir, f"{split}.bin")
         if not os.path.isfile(path):
             raise ConfigError(f"{path} is missing: run data/prepare.py to prepare {data_dir}")
-        n = os.path.getsize(path) // 2
+        size = os.path.getsize(path)
+        if size % 2:
+            raise ConfigError(f"{path} holds {size} bytes, an odd number, so not uint16 tokens (2 bytes each): it is "
+                              "torn or another kind of file: re-run data/prepare.py")
+        n = size // 2
         if n < block_size + 1:
             raise ConfigError(f"{path} has {n} tokens, but block_size={block_size} needs at least {block_size + 1}: "
                               "lower block_size or prepare more text")
         data = np.memmap(path, dtype=np.uint16, mode="r")
         top = int(data.max())
-        if top >= vocab_size:
-            raise ConfigError(f"{path} holds token id {top} >= vocab_size={vocab_size}: "
-                              "raise vocab_size or re-run data/prepare.py")
+        if top >= n_vocab:  # and so below vocab_size, which is >= n_vocab
+            raise ConfigError(f"{path} holds token id {top}, beyond the {n_vocab} tokens of its tokenizer "
+                              f"({meta_path}): the two are not of one dataset: re-run data/prepare.py")
         splits.append(data)
     return splits
 
@@ -78,7 +84,7 @@ and vocab_size (every id is below it)."""
 def gpt2_tokenizer(path=None):
     """GPT-2 BPE (r50k_base) as a tiktoken.Encoding, from a local r50k_base.tiktoken (its sha256 must be
     tiktoken's; ValueError otherwise), or with path None from tiktoken's own download cache."""
-    import tiktoken
+    tiktoken = require("tiktoken", "the GPT-2 tokenizer (TinyStories)")
     from tiktoken.load import load_tiktoken_bpe
     from tiktoken_ext.openai_public import r50k_pat_str
 
@@ -90,8 +96,7 @@ def gpt2_tokenizer(path=None):
 
 def neox_tokenizer(path):
     """Pythia's GPT-NeoX-20B BPE from a tokenizer.json, as a tokenizers.Tokenizer (50,277 tokens, eot = 0)."""
-    from tokenizers import Tokenizer
-
+    Tokenizer = require("tokenizers", "the GPT-NeoX tokenizer (WikiText, Pythia)").Tokenizer
     tok = Tokenizer.from_file(path)
     tok.encode_special_tokens = True  # "<|endoftext|>" in the text is text, as tiktoken's encode_ordinary
     return tok
@@ -109,6 +114,8 @@ def load_codec(name, path):
             encode = lambda docs: [e.ids for e in tok.encode_batch(docs, add_special_tokens=False)]  # noqa: E731
             decode = lambda ids: tok.decode(list(ids), skip_special_tokens=False)  # noqa: E731
             return Codec("neox", encode, decode, tok.token_to_id(EOT), tok.get_vocab_size())
+    except ConfigError:  # a missing package (`require`), not a bad file
+        raise
     except Exception as e:  # a missing file, a hash mismatch, a tokenizer.json that is not one
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ConfigError(f"cannot load {path} as the {name} tokenizer ({first}): pass the right tokenizer file") \
@@ -122,7 +129,7 @@ def load_tokenizer(data_dir):
     if not os.path.isfile(path):
         raise ConfigError(f"{path} not found: run data/prepare.py to prepare {data_dir}")
     meta = read_json(path, "dataset metadata", "re-run data/prepare.py")
-    if not {"tokenizer", "tokenizer_file"} <= set(meta):
+    if not all(isinstance(meta.get(k), str) for k in ("tokenizer", "tokenizer_file")):
         raise ConfigError(f"{path} names no tokenizer (not written by data/prepare.py?): re-run data/prepare.py")
     return load_codec(meta["tokenizer"], os.path.join(data_dir, meta["tokenizer_file"])), meta
 

@@ -124,11 +124,11 @@ def dense_codes(codes, num_codes, frac=0.5):
     return counts[:, 1:] > frac * T
 
 
-def topic_codes(col, tok, regex, window=16, top=5, min_count=10):
+def topic_codes(col, tok, regex, window=16, top=5, min_count=10, what=None):
     """A topic's codes, both rankings of the module docstring, over the collected codes `col` (analyze.collect_codes
-    with col["books"]) decoded by tok(id) -> str.
+    with col["books"]) decoded by tok(id) -> str. what: the topic's name for the ConfigError when nothing matches.
     Returns {"context": [(book, code, precision, count)], "dense": [(book, code, precision, texts)]}, best first."""
-    hit = regex_mask(col["tokens"], tok, regex)  # (n, T)
+    hit = regex_mask(col["tokens"], tok, regex, what)  # (n, T)
     window = min(window, hit.shape[1])  # a wider window is the whole text, and max_pool1d walks every position of it
     near = F.max_pool1d(hit.float().unsqueeze(1), 2 * window + 1, stride=1, padding=window).squeeze(1) > 0
     topical = hit.any(1)  # (n,) texts that match
@@ -187,7 +187,7 @@ def find(cfg, ckpt, model, codec, topics):
     col["books"], tok = model.books(), vocab_strings(codec)
     found = {}
     for name, regex in topics.items():
-        found[name] = topic_codes(col, tok, regex, cfg.window, cfg.top)
+        found[name] = topic_codes(col, tok, regex, cfg.window, cfg.top, what=f"topic {name} ({regex!r})")
         print(f"{name} ({regex!r}): context codes " + ", ".join(f"{b}:{c} (P {p:.2f}, fires {n})"
                                                               for b, c, p, n in found[name]["context"]))
     return found

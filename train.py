@@ -25,11 +25,13 @@ out_dir it was read from and may change only the options in RESUMABLE.
 Output in out_dir, which one process owns at a time: ckpt.pt (written atomically) and log.jsonl (one JSON object
 per log line and per evaluation). A run that replaces another (--overwrite=true) leaves it whole until its own
 first checkpoint. A non-finite loss or weight stops the run and keeps the last good checkpoint (nan_policy="skip"
-skips such steps instead).
+skips such steps instead); so do Ctrl-C, SIGTERM, a lost DDP rank and a full disk, each in one line that names the
+checkpoint kept and the command that resumes. A run that stops early cuts log.jsonl back to that checkpoint.
 """
 
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
@@ -38,19 +40,18 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import pythia
 from codebook import KMEANS_MAX_TOKENS, sync_counts
 from configuration import (ConfigError, autocast_for, build, cli, device_of, is_device, is_out_dir, parse_args,
-                           resume_config, spec, split_config, validate)
-from ddp import AllFinite, end_process_group
+                           resume_config, spec, split_config, uninterrupted, validate)
+from ddp import AllFinite, end_process_group, join_process_group
 from evaluate import evaluate_fsm, evaluate_lm
 from fsm import TokFSM
 from memory import check_training
 from model import GPT, GPTConfig
 from progress import eta
-from rundir import DirLock, RunLog, claim, load_checkpoint, load_state, remove_leftovers, save_checkpoint
+from rundir import DirLock, EarlyStop, RunLog, claim, load_checkpoint, load_state, remove_leftovers, save_checkpoint
 from tokens import load_tokens, token_windows
 
 
@@ -225,18 +226,19 @@ def evaluate(run, it):
 
 
 def checkpoint(run, it):
-    """ckpt.pt, written atomically; the first one of a run that replaces another also replaces the old log."""
+    """ckpt.pt, written atomically, then the log committed to it; the first one of a run that replaces another also
+    replaces the old log."""
     save_checkpoint({"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
                      "model_config": asdict(run.raw_model.config), "train_config": asdict(run.cfg), "iter_num": it,
-                     "run": run.log.run_id}, run.ckpt_path)
-    run.log.commit()
+                     "run": run.log.run_id}, run.ckpt_path, run.log)
 
 
 # ---------------------------------------------------------------------------------------------- the loop
 def main(argv):
     run, ok = setup(argv), False
     try:
-        train(run)
+        with run.stop:  # an interrupt, a lost DDP peer or a full disk: one line naming the checkpoint kept
+            train(run)
         ok = True
     finally:
         close(run, failed=not ok)
@@ -245,13 +247,12 @@ def main(argv):
 def train(run):
     cfg, master, it = run.cfg, run.rank == 0, run.iter_num
     t0, tokens, window, skipped, failure, start = time.time(), 0, 0, 0, None, (time.time(), it)  # start: the ETA's
-    saved = it if run.resumed else None  # the iteration of the checkpoint on disk
     loss_acc = torch.zeros(3, device=run.device)  # sums over the log window: loss, ce, recon
     while it < cfg.max_iters:
         if it == cfg.codebook_start:
             switch_codebooks_on(run, it)
         step_loss, skip, lr = train_step(run, it)
-        it += 1
+        it = run.stop.it = it + 1
         tokens += cfg.batch_size * run.block_size
         if skip:
             skipped += 1
@@ -289,17 +290,16 @@ def train(run):
             if not run.finite(loss_acc, torch.tensor(eval_loss, device=run.device), *run.raw_model.parameters()):
                 failure = f"the loss or the weights are not finite at iteration {it}"
                 break
-            if master:
-                checkpoint(run, it)
-            saved = it
+            with uninterrupted():  # a signal waits until the checkpoint, its log and this note of it are all done
+                if master:
+                    checkpoint(run, it)
+                run.stop.saved = it
             t0 = time.time()
-    if master and failure is None and run.resumed and run.iter_num == cfg.max_iters:
+    if master and failure is None and run.resumed and run.iter_num >= cfg.max_iters:
         evaluate(run, it)  # resuming a finished run just reports it
     if failure:  # the same on every rank: the checks above are all-reduced
-        kept = f"the checkpoint of iteration {saved} in {cfg.out_dir} is kept" if saved is not None else \
-            "this run wrote no checkpoint" + (" (the earlier run in out_dir is kept)" if run.replacing else "")
         fix = "lower learning_rate or grad_clip" + (", or pass --nan_policy=skip" if cfg.nan_policy == "stop" else "")
-        raise FloatingPointError(f"{failure}; {kept}: {fix}")
+        raise run.stop.failure(failure, fix)
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -352,6 +352,7 @@ def setup(argv):
         run.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(run.device)
     check_training(cfg, gcfg, world, run.device)  # sizes that cannot fit stop here, before the first big allocation
+    run.stop = EarlyStop(cfg.out_dir, run.iter_num if ckpt else None, False, rank, world)  # where the run stands
     if cfg.dataset == "fsm":
         run.fsm = TokFSM(cfg.num_states, cfg.num_edges, cfg.fsm_seed)
         run.eval_x, run.eval_y = run.fsm.eval_set(cfg.eval_seqs, gcfg.block_size)
@@ -365,25 +366,24 @@ def setup(argv):
         for name in ("ckpt.pt", "log.jsonl"):
             remove_leftovers(os.path.join(cfg.out_dir, name))
     try:
-        run.replacing = not run.resumed and os.path.exists(run.ckpt_path)  # the old run stays until our checkpoint
-        if run.replacing and not cfg.overwrite:
+        run.stop.replacing = not run.resumed and os.path.exists(run.ckpt_path)  # the old run stays until our checkpoint
+        if run.stop.replacing and not cfg.overwrite:
             raise ConfigError(f"{cfg.out_dir} already holds a run: pass --init_from=resume, --overwrite=true "
                               "or another --out_dir")
         build_model(run, gcfg, ckpt)
         if rank == 0:
             run.log = RunLog(os.path.join(cfg.out_dir, "log.jsonl"), ckpt.get("run") if ckpt else None,
-                             run.iter_num if ckpt else None, pending=run.replacing)
+                             run.iter_num if ckpt else None, pending=run.stop.replacing)
     except BaseException:
         close(run)
         raise
-    if ddp:
-        dist.init_process_group(backend="nccl" if run.device.startswith("cuda") else "gloo")
-        # buffers (code counts) are kept equal by sync_counts, not by DDP's per-forward broadcast; while the
-        # codebooks are bypassed (before codebook_start) their codes get no gradient, which DDP must be told
-        ids = [int(os.environ["LOCAL_RANK"])] if run.device.startswith("cuda") else None
-        run.model = DDP(run.model, device_ids=ids, broadcast_buffers=False,
-                        find_unused_parameters=bool(run.codebooks) and run.iter_num < cfg.codebook_start)
+    if ddp:  # bypassed codebooks (before codebook_start) get no gradient, which DDP must be told
+        unused = bool(run.codebooks) and run.iter_num < cfg.codebook_start
+        run.model, run.stop.peers = join_process_group(run.model, run.device, unused)
     run.finite = AllFinite(run.device, ddp)
+    if rank == 0 and run.iter_num >= cfg.max_iters:  # a resume with nothing left to train
+        print(f"note: {cfg.out_dir} is at iteration {run.iter_num}, which reaches max_iters={cfg.max_iters}: nothing "
+              f"to train, only its evaluation (pass --max_iters above {run.iter_num} to go on)", file=sys.stderr)
     if rank == 0:
         n_cb = sum(cb.codes.numel() for cb in run.codebooks)
         print(f"{run.raw_model.get_num_params() / 1e6:.2f}M parameters ({n_cb / 1e6:.2f}M in {len(run.codebooks)} "
@@ -425,13 +425,14 @@ def build_model(run, gcfg, ckpt):
 
 
 def close(run, failed=True):
-    """Close the log, free out_dir, then leave the process group (ddp.end_process_group)."""
+    """Close the log (cut back to the last checkpoint if the run failed), free out_dir, then leave the process group
+    (ddp.end_process_group; without its barrier when the ranks no longer meet)."""
     if run.log is not None:
-        run.log.close()
+        run.log.close(rewind=failed)
     if run.lock is not None:
         run.lock.release()
     if run.ddp and dist.is_initialized():
-        end_process_group(failed=failed)
+        end_process_group(failed=failed, barrier=not run.stop.abrupt)
 
 
 if __name__ == "__main__":

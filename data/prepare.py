@@ -133,13 +133,13 @@ def wikitext_download(raw):
         except Exception as e:
             raise ConfigError(_offline("HF wikitext/wikitext-103-v1", e, hint)) from None
         for split, s in (("train", "train"), ("validation", "valid"), ("test", "test")):
-            with open(paths[s], "w", encoding="utf-8") as f:  # HF rows are the file's lines; blank " " lines are ""
+            with atomic_write(paths[s]) as f:  # HF rows are the file's lines; blank " " lines are ""
                 f.writelines(row if row else " \n" for row in ds[split]["text"])
         return paths
     archive = fetch(WIKITEXT_ZIP, os.path.join(raw, "wikitext-103-v1.zip"), hint)
     with zipfile.ZipFile(archive) as z:
         for s, p in paths.items():
-            with z.open(f"wikitext-103/wiki.{s}.tokens") as src, open(p, "wb") as dst:
+            with z.open(f"wikitext-103/wiki.{s}.tokens") as src, atomic_write(p, "wb") as dst:  # whole or not at all
                 shutil.copyfileobj(src, dst)
     return paths
 
@@ -336,6 +336,9 @@ def prepare(dataset, args):
             except UnicodeDecodeError as e:
                 raise ConfigError(f"{sources[s]} is not UTF-8 text (byte {e.start}): convert it or pass another "
                                   "file") from None
+            if n_doc == 0:  # an empty or blank file: a dataset without text would only fail later
+                raise ConfigError(f"{sources[s]} holds no text, so {s}.bin would hold no tokens: pass a file with "
+                                  f"{'stories' if dataset == 'tinystories' else 'articles'}")
             meta["tokens"][s], meta["documents"][s] = n_tok, n_doc
             print(f"{s}: {n_doc:,} documents, {n_tok:,} tokens -> {os.path.join(out, s + '.bin')}")
         with atomic_write(os.path.join(tmp, "meta.json")) as f:

@@ -103,6 +103,8 @@ def files(w):
         "notes.txt": "iter 2: loss 2.39\n",
         "fsm_other.json": '{"mlp": {"per_state": [{"state": 0, "book": "h.7.mlp", "code": 1}]}}\n',
         "afile": "a file where a directory belongs\n",
+        "empty.txt": "",
+        "fsm_no_states.json": '{"mlp": {"per_state": []}}\n',
     }
     for name, t in text.items():
         with open(j(name), "w") as f:
@@ -133,9 +135,16 @@ def world(tmp_path_factory):
     write_tokens(j("big_id"), [5] * 199 + [100])
     write_tokens(j("big_vocab"), np.arange(200) % 64, vocab_size=50257)
     write_tokens(j("bad_meta"), np.arange(200) % 64)
+    write_tokens(j("odd"), np.arange(200) % 64)
+    with open(j("odd", "train.bin"), "ab") as f:
+        f.write(b"\0")  # half a token: torn
+    write_tokens(j("meta_zero"), np.arange(200) % 64, vocab_size=0)
+    write_tokens(j("meta_str"), np.arange(200) % 64, vocab_size="64")
     open(j("bad_meta", "meta.json"), "w").write('{"tokenizer": "gpt2", "vocab')  # torn
     pythia_dir(j("pythia_missing_shard"), missing_shard=True)
     pythia_dir(j("llama"), arch="llama")
+    pythia_dir(j("pythia_junk"))
+    open(j("pythia_junk", "model.safetensors"), "w").write("not weights\n")
     # a language model: prepared text (a BPE trained on it), a tiny random checkpoint and its topic codes
     data = write_lm_dataset(j("lm_data"), "Once upon a time there was a dragon and a king. " * 40)
     model = GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=16, vocab_size=384,
@@ -206,6 +215,9 @@ TRAIN = [
     ("bad boolean", [*SCRATCH, "--kmeans_init=maybe"], ["--kmeans_init=maybe", "true or false"]),
     ("flag without a value", [*SCRATCH, "--max_iters"], ["--max_iters", "--key=value"]),
     ("wrong value type (preset)", ["{preset_str_py}", *SCRATCH], ["max_iters='10'", "expected int"]),
+    ("number in another script's digits", [*SCRATCH, "--max_iters=١٠"], ["--max_iters=١٠", "ASCII digits"]),
+    ("superscript digit in a number", [*SCRATCH, "--max_iters=2²"], ["--max_iters=2²", "ASCII digits"]),
+    ("superscript digit in codebook_layers", [*SCRATCH, "--codebook_layers=0,¹"], ["codebook_layers='0,¹'", "layer"]),
     ("preset that does not parse", ["{preset_syntax_py}", *SCRATCH], ["preset_syntax.py:1", "syntax"]),
     ("preset that runs code", ["{preset_exit_py}", *SCRATCH], ["preset_exit.py:1", "only `config = dict("]),
     ("preset without config", ["{preset_none_py}", *SCRATCH], ["preset_none.py", "only `config"]),
@@ -261,7 +273,10 @@ TRAIN = [
     ("missing data file", [*SCRATCH, *LM, "--dataset={no_val}"], ["val.bin", "data/prepare.py"]),
     ("empty dataset", [*SCRATCH, *LM, "--dataset={empty}"], ["has 0 tokens", "block_size"]),
     ("torn meta.json", [*SCRATCH, *LM, "--dataset={bad_meta}"], ["meta.json", "data/prepare.py"]),
-    ("token id >= vocab_size", [*SCRATCH, *LM, "--dataset={big_id}"], ["token id 100", "vocab_size=64"]),
+    ("token file of an odd byte count", [*SCRATCH, *LM, "--dataset={odd}"], ["train.bin", "odd number", "prepare.py"]),
+    ("meta.json vocab_size zero", [*SCRATCH, *LM, "--dataset={meta_zero}"], ["vocab_size is 0", "positive integer"]),
+    ("meta.json vocab_size a string", [*SCRATCH, *LM, "--dataset={meta_str}"], ["vocab_size is '64'", "positive"]),
+    ("token id beyond the tokenizer's", [*SCRATCH, *LM, "--dataset={big_id}"], ["token id 100", "the 64 tokens"]),
     ("tokenizer larger than vocab_size", [*SCRATCH, *LM, "--dataset={big_vocab}"], ["50257", "raise vocab_size"]),
     # checkpoints
     ("resume without a checkpoint", ["--init_from=resume", "--out_dir={empty_dir}"], ["no checkpoint", "empty_dir"]),
@@ -325,6 +340,7 @@ SAMPLE = [
     ("a TokFSM run", ["--out_dir={run}"], ["TokFSM", "--dataset=DIR"]),
     ("prompt file missing", [*SAMPLE_ARGS, "--start=FILE:{w}/nope.txt"], ["prompt file", "nope.txt", "not found"]),
     ("prompt file not UTF-8", [*SAMPLE_ARGS, "--start=FILE:{latin1_txt}"], ["latin1.txt", "not UTF-8"]),
+    ("empty prompt file", [*SAMPLE_ARGS, "--start=FILE:{empty_txt}"], ["empty.txt", "is empty"]),
     ("dataset without meta.json", [*SAMPLE_ARGS, "--dataset={empty_dir}"], ["meta.json", "data/prepare.py"]),
     ("torn tokenizer file", [*SAMPLE_ARGS, "--dataset={lm_bad_tok}"], ["tokenizer.json", "neox tokenizer"]),
     ("a preset that runs code", ["{preset_exit_py}", *SAMPLE_ARGS], ["preset_exit.py:1", "only `config"]),
@@ -359,6 +375,8 @@ ANALYZE = [
     ("truncated checkpoint", ["--out_dir={truncated}"], ["ckpt.pt", "truncated"]),
     ("out_dir without a checkpoint", ["--out_dir={empty_dir}"], ["no checkpoint"]),
     ("language model whose data is gone", ["--out_dir={lm_run_no_data}", "--device=cpu"], ["nowhere", "meta.json"]),
+    ("regex that matches nothing", ["--out_dir={lm_run}", "--device=cpu", "--max_tokens=200", "--regex=unicorn"],
+     ["--regex='unicorn'", "matches nothing", "--max_tokens"]),
 ]
 
 
@@ -384,6 +402,8 @@ STEER = [
     ("head not named", [*ST, "--task=generate", "--ablate=h.0.attn_heads:5"], ["has 2 heads"]),
     ("more forced codes than k", [*ST, "--task=generate", "--force=h.0.mlp:1,h.0.mlp:2"], ["h.0.mlp", "k=1"]),
     ("prompt not digits on TokFSM", [*ST, "--task=generate", "--start=abc"], ["--start='abc'", "digits"]),
+    ("superscript digit in a TokFSM prompt", [*ST, "--task=generate", "--start=4²"], ["--start='4²'", "digits"]),
+    ("code in another script's digits", [*ST, "--task=generate", "--force=h.0.mlp:١"], ["no code '١'", "0-31"]),
     ("prompt longer than the block", [*ST, "--task=generate", "--start=" + "4" * 20], ["no room", "block_size=16"]),
     ("ablate without codes", [*ST, "--task=ablate"], ["--ablate=BOOK:CODE"]),
     ("the swap on a language model", ["--out_dir={lm_run}", "--device=cpu"], ["language model", "--task=fsm"]),
@@ -391,6 +411,8 @@ STEER = [
     ("state codes file missing", [*ST, "--pairs=2", "--state_codes={w}/nope.json"], ["nope.json", "not found"]),
     ("state codes file torn", [*ST, "--pairs=2", "--state_codes={torn_json}"], ["torn.json", "not valid JSON"]),
     ("state codes without MLP codes", [*ST, "--pairs=2", "--state_codes={list_json}"], ["list.json", "not a dict"]),
+    ("state codes file without states", [*ST, "--pairs=2", "--state_codes={fsm_no_states_json}"],
+     ["fsm_no_states.json", "no state codes"]),
     ("state codes of another model", [*ST, "--pairs=2", "--state_codes={fsm_other_json}"],
      ["fsm_other.json", "this model's codebooks"]),
     ("CUDA device on a machine without one", [*ST, "--device=cuda"], ["device='cuda'", "cpu"]),
@@ -410,6 +432,7 @@ TOPICS = [
     ("unknown config key", [*TP, "--nope=1"], ["'nope'", "TopicsConfig"]),
     ("unknown topic", [*TP, "--topics=dragons"], ["unknown topic 'dragons'", "NAME=REGEX"]),
     ("invalid topic regex", [*TP, "--topics=sea=(ocean"], ["sea=", "regular expression"]),
+    ("topic that matches nothing", [*TP, "--topics=baby"], ["topic baby ('baby')", "matches nothing"]),
     ("a TokFSM run", ["--out_dir={run}"], ["not a language model"]),
     ("topic codes file missing", [*TP, "--topic_codes={w}/nope.json"], ["nope.json", "not found"]),
     ("topic codes file torn", [*TP, "--topic_codes={torn_json}"], ["torn.json", "not valid JSON", "topics.py"]),
@@ -488,6 +511,7 @@ PREPARE = [
                                    "--tokenizer={neox_json}", "--out={w}/wt"], ["2 article(s)", ">= 10"]),
     ("out that is a file", [*TS[:4], "--out={afile}"], ["afile", "is a file"]),
     ("only --train", ["tinystories", "--train={ts_src}/train.txt"], ["both --train and --val"]),
+    ("empty text file", [*WT[:2], "--test={empty_txt}", *WT[3:]], ["empty.txt", "holds no text"]),
     ("wikitext flags for tinystories", [*TS, "--valid={ts_src}/val.txt"], ["--valid/--test are for wikitext"]),
     ("tinystories flags for wikitext", ["wikitext", "--val={ts_src}/val.txt"], ["--val is for tinystories"]),
     ("--model outside pythia", [*TS, "--model=EleutherAI/pythia-70m"], ["--model is for `pythia`"]),
@@ -498,6 +522,24 @@ PREPARE = [
 @cases(PREPARE)
 def test_prepare(args, needles, world, tmp_path, capsys):
     check(prepare.main, args, needles, world, tmp_path, capsys)
+
+
+# a missing package is named as such, never reported as a bad file: each case hides one that the step needs
+MISSING = [
+    ("tokenizers", sample.main, SAMPLE_ARGS, {}),
+    ("tqdm", sample.main, [*SAMPLE_ARGS, "--bypass=true"], {"CODEBOOK_PROGRESS": "1"}),  # bars on
+    ("matplotlib", analyze.main, AN, {}),
+    ("safetensors", train.main, ["--init_from={pythia_junk}", *PYTHIA], {}),  # not "cannot be read as weights"
+]
+
+
+@pytest.mark.parametrize("package,entry,args,env", MISSING, ids=[m[0] for m in MISSING])
+def test_missing_package(package, entry, args, env, world, tmp_path, capsys, monkeypatch):
+    for name in [package] + [m for m in sys.modules if m.startswith(package + ".")]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import package` now fails as if it were not installed
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    check(entry, args, [f"the Python package {package}, needed for", f"pip install {package}"], world, tmp_path, capsys)
 
 
 ALL = {"train.py": TRAIN, "sample.py": SAMPLE, "analyze.py": ANALYZE, "steer.py": STEER, "topics.py": TOPICS,

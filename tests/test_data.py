@@ -326,7 +326,7 @@ def test_lm_data_errors_are_one_line(wt, tmp_path):
     n_vocab = str(load_tokenizer(data)[1]["vocab_size"])
     assert_one_line_error(go(f"--dataset={data}", "--vocab_size=100"), n_vocab, "raise vocab_size")
     big = write_tokens(tmp_path / "big", [5] * 99 + [60000], vocab_size=100)
-    assert_one_line_error(go(f"--dataset={big}", "--vocab_size=128"), "token id 60000", "vocab_size=128")
+    assert_one_line_error(go(f"--dataset={big}", "--vocab_size=128"), "token id 60000", "the 100 tokens")
     assert not (tmp_path / "run" / "ckpt.pt").exists()
 
 

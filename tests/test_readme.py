@@ -40,9 +40,10 @@ TINY = {
     "train.py pretrained": ["--block_size=32", "--num_codes=16", "--batch_size=2", "--gradient_accumulation_steps=1",
                             "--max_iters=2", "--warmup_iters=1", "--eval_interval=2", "--eval_iters=1"],
     "sample.py": ["--max_new_tokens=4", "--num_samples=1"],
-    "analyze.py": ["--num_seqs=32", "--max_tokens=2000"],
+    "analyze.py": ["--num_seqs=32", "--max_tokens=2000", "--regex= the"],  # a regex that matches in 2000 tokens
     "steer.py": ["--pairs=10", "--eval_seqs=16", "--num_samples=2"],
-    "topics.py": ["--max_tokens=2000", "--samples_per_prompt=1", "--max_new_tokens=4"],
+    # a topic that matches in the few tokens read; the 10 most frequent nouns of the training text all do in 5000
+    "topics.py": ["--max_tokens=5000", "--topics=friend", "--samples_per_prompt=1", "--max_new_tokens=4"],
     "sae.py": ["--steps=5", "--num_latents=16", "--num_seqs=32", "--pairs=10"],
     "bench.py": ["--repeats=1", "--mem=false", "--only=generate"],  # tests/test_bench.py runs every part, shrunk
     "scripts/random_pythia.py": ["--size=tiny"],

@@ -88,13 +88,13 @@ def test_cli_language_model_topics_and_ablation(tmp_path, capsys):
     torch.save({"model": model.state_dict(), "model_config": asdict(model.config), "optimizer": {}, "rng": {},
                 "train_config": asdict(TrainConfig(dataset=str(data))), "iter_num": 0}, run_dir / "ckpt.pt")
     # find the codes, then steer with them: topics.json, concepts.json, steering.json in <out_dir>/topics
-    topics.main([f"--out_dir={run_dir}", "--topics=dragon,princess,baby", "--samples_per_prompt=1",
+    topics.main([f"--out_dir={run_dir}", "--topics=dragon,princess,king=KING", "--samples_per_prompt=1",
                  "--max_new_tokens=4", "--device=cpu"])
     found = json.loads((run_dir / "topics" / "topic_codes.json").read_text())
-    assert set(found) == {"dragon", "princess", "baby"} and all(found.values())
+    assert set(found) == {"dragon", "princess", "king"} and all(found.values())
     assert all(spec.startswith("h.0.attn_heads:") for spec in found["dragon"])
     res = json.loads((run_dir / "topics" / "steering.json").read_text())["results"]
-    assert set(res) == {"dragon", "princess", "baby"} and all(r["codes"] == 1 for r in res.values())
+    assert set(res) == {"dragon", "princess", "king"} and all(r["codes"] == 1 for r in res.values())
     # steering with a given file of codes, several per topic
     (tmp_path / "topics.json").write_text(json.dumps({"dragon": ["h.0.attn_heads:1:3", "h.0.attn_heads:0:5"],
                                                       "princess": []}))

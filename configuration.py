@@ -156,13 +156,13 @@ def _ending(e, main):
 _RULE = re.compile(r"^\s*(?:(>=|>|<=|<)\s*(\S+)|([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])]))\s*$")
 
 
-def spec(default, rule=None, *, each=None, check=None):
+def spec(default, rule=None, *, each=None, empty_ok=False, check=None):
     """A dataclass field with its valid values beside it, checked by `validate`.
 
     rule: an interval such as ">= 1", "> 0", "[0, 1)", or a tuple of choices. each: the choices of every item of a
-    comma-separated string. check: a function of the value that returns a string saying what is wrong with it (or
+    comma-separated string, which names at least one unless empty_ok. check: a function of the value that returns a string saying what is wrong with it (or
     raises a ConfigError), anything else when it is fine."""
-    meta = {"check": check, "each": each}
+    meta = {"check": check, "each": each, "empty_ok": empty_ok}
     if isinstance(rule, tuple):
         meta["choices"] = rule
     elif rule is not None:
@@ -218,6 +218,8 @@ def validate(cfg):
         if "choices" in m and value not in m["choices"]:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(repr, m['choices']))}: pick one")
         if m.get("each"):
+            if not split_list(value) and not m["empty_ok"]:
+                raise ConfigError(f"{key}={value!r} names nothing: pick at least one of {', '.join(m['each'])}")
             bad = [v for v in split_list(value) if v not in m["each"]]
             if bad:
                 raise ConfigError(f"{key}={value!r}: {', '.join(map(repr, bad))} not among {', '.join(m['each'])}: "

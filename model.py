@@ -57,7 +57,7 @@ class GPTConfig:
     tie_weights: bool = True  # lm_head shares wte's weight
     layer_norm_eps: float = spec(1e-5, "> 0")
     # codebooks
-    codebook_sites: str = spec("attn_heads,mlp", each=SITES)  # comma-separated; "" = none
+    codebook_sites: str = spec("attn_heads,mlp", each=SITES, empty_ok=True)  # comma-separated; "" = none
     codebook_layers: str = spec("", check=_is_layer_list)  # comma-separated layer indices; "" = every layer
     num_codes: int = spec(256, ">= 1")  # codes per group
     k: int = spec(1, ">= 1")  # codes summed per token and group

@@ -463,6 +463,7 @@ SAE = [
     ("zero learning rate", [*SA, "--lr=0"], ["lr=0.0", "> 0"]),
     ("negative AuxK coefficient", [*SA, "--aux_coef=-1"], ["aux_coef=-1.0", ">= 0"]),
     ("unknown site", [*SA, "--sites=resid"], ["'resid'", "mlp"]),
+    ("no site", [*SA, "--sites="], ["sites=''", "names nothing", "mlp"]),
     ("a run with codebooks", [*SA[1:], "--out_dir={run}"], ["without codebooks", "--codebook_sites="]),
     ("a language model", [*SA[1:], "--out_dir={lm_run}"], ["TokFSM run"]),
     ("out_dir without a checkpoint", ["--out_dir={empty_dir}"], ["no checkpoint"]),
@@ -478,6 +479,7 @@ def test_sae(args, needles, world, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------- bench.py
 BENCH = [
     ("misspelled part", ["--only=layers"], ["'layers'", "layer, step, generate, profile"]),
+    ("no part", ["--only=,"], ["only=','", "names nothing"]),
     ("zero repeats", ["--repeats=0"], ["repeats=0", "[1, 1000]"]),
     ("CUDA device on a machine without one", ["--device=cuda"], ["device='cuda'", "cpu"]),
     ("dtype outside the choices", ["--dtype=float16"], ["dtype='float16'", "'bfloat16'"]),

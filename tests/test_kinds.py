@@ -136,6 +136,7 @@ FILES_AND_DIRS = [  # a file where a directory belongs, or the reverse
      ["is a file of a training run"]),
     ("--save inside an analysis", steer.main, ["--out_dir={w}/run", "--save={w}/analysis/s.json"],
      ["lies inside {w}/analysis"]),
+    ("a table of no rows", fsm_table.main, ["--rows=", "--out={w}/table"], ["rows=''", "names nothing"]),
     ("a table's row a file", fsm_table.main, ["--rows=k1", "--out={w}/table_file"], ["holds k1 as a file"]),
     # the case: the default analysis of a run whose analysis directory holds a training run
     ("RUN/analysis holds a run", analyze.main, ["--out_dir={w}/nested", "--device=cpu"],

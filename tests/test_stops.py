@@ -108,7 +108,7 @@ def test_sigterm_during_a_checkpoint_waits_for_it(tmp_path, monkeypatch, capsys)
     assert re.fullmatch(LINE.format(sig="SIGTERM", out=re.escape(out), launch="python"), line), line
     assert "at iteration 4; the checkpoint of iteration 4" in line and saved == [2, 4]
     assert load(os.path.join(out, "ckpt.pt"))["iter_num"] == max(iters(out)) == 4
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl"]
+    assert sorted(os.listdir(out)) == [".codebook-kind.json", "ckpt.pt", "log.jsonl"]
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
@@ -133,7 +133,7 @@ def test_full_disk_keeps_the_old_checkpoint(tmp_path, monkeypatch, capsys):
                             f"--init_from=resume --out_dir={out}`")
     assert capsys.readouterr().err == ""
     assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before["ckpt"] and max(iters(out)) == 2
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl"]
+    assert sorted(os.listdir(out)) == [".codebook-kind.json", "ckpt.pt", "log.jsonl"]
     monkeypatch.setattr(rundir.torch, "save", real)
     train.main(["--init_from=resume", "--max_iters=4", f"--out_dir={out}"])
     assert load(os.path.join(out, "ckpt.pt"))["iter_num"] == 4 and iters(out) == sorted(iters(out))

@@ -87,3 +87,19 @@ def once(args):
     configuration by appending it, and the entry points refuse a flag given twice."""
     last = {str(a).split("=")[0]: i for i, a in enumerate(args) if str(a).startswith("--")}
     return [a for i, a in enumerate(args) if not str(a).startswith("--") or last[str(a).split("=")[0]] == i]
+
+
+def same_state(a, b, where="checkpoint"):
+    """Assert bitwise equality of nested checkpoint values (tensors, dicts, lists, numbers)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            same_state(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"

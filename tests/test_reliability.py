@@ -22,7 +22,7 @@ if ROOT not in sys.path:
 
 import train  # noqa: E402
 from codebook import CodebookLayer  # noqa: E402
-from conftest import write_tokens  # noqa: E402
+from conftest import same_state, write_tokens  # noqa: E402
 
 TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=16", "--batch_size=8", "--eval_seqs=16",
         "--eval_samples=8", "--codebook_sites=attn_heads,mlp", "--num_codes=32", "--device=cpu"]
@@ -46,22 +46,6 @@ def torchrun_cmd(script, args, extra=()):
 
 def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def same_state(a, b, where="checkpoint"):
-    """Assert bitwise equality of nested checkpoint values (tensors, dicts, lists, numbers)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for k in a:
-            same_state(a[k], b[k], f"{where}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            same_state(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def records(out):

@@ -14,11 +14,11 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, same_state
 
 import rundir
 import train
-from configuration import cli
+from entry import cli
 from rundir import DirLock
 
 TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=16", "--batch_size=8", "--eval_seqs=16",
@@ -38,17 +38,6 @@ def load(path):
 
 def iters(out):
     return [json.loads(line)["iter"] for line in open(os.path.join(out, "log.jsonl"))]
-
-
-def same(a, b):
-    """Bitwise equality of nested checkpoint values."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
-    return a == b
 
 
 def wait_for(path, proc, timeout=180):
@@ -83,7 +72,8 @@ def test_ctrl_c_in_training_then_an_exact_resume(tmp_path):
         assert r.wait(timeout=300) == 0, r.communicate()[1][-3000:]
     a, b = load(os.path.join(straight, "ckpt.pt")), load(os.path.join(out, "ckpt.pt"))
     assert a["iter_num"] == b["iter_num"] == end
-    assert same(a["model"], b["model"]) and same(a["optimizer"], b["optimizer"])
+    same_state(a["model"], b["model"], "model")
+    same_state(a["optimizer"], b["optimizer"], "optimizer")
     evals = lambda o: [r["eval"] for r in map(json.loads, open(os.path.join(o, "log.jsonl"))) if "eval" in r]  # noqa
     assert evals(out) == evals(straight) and iters(out) == sorted(iters(out))
 

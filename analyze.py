@@ -39,7 +39,8 @@ from typing import Optional
 import torch
 
 import report
-from configuration import ConfigError, cli, is_device, is_out_dir, is_regex, parse_config, spec, validate
+from configuration import ConfigError, is_device, is_out_dir, is_regex, parse_config, spec, validate
+from entry import cli
 from evaluate import dictionary_metrics, reference_loss
 from files import read_json, read_torch
 from fsm import TokFSM

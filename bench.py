@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from codebook import CodebookLayer
-from configuration import cli, is_device, load_preset, parse_config, spec, split_config, validate
+from configuration import is_device, load_preset, parse_config, spec, split_config, validate
+from entry import cli
 from fsm import TokFSM
 from memory import peak
 from model import GPT, GPTConfig

@@ -15,6 +15,19 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from configuration import device_of
+from files import pid_alive
+
+
+def rank_device(name, ddp):
+    """The device of this process for a validated device name (configuration.device_of); under DDP on CUDA, the GPU
+    of its LOCAL_RANK, made the current one."""
+    device = device_of(name)
+    if ddp and device.startswith("cuda"):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    return device
+
 
 def join_process_group(model, device, find_unused):
     """Join the process group (nccl on CUDA, gloo on CPU) and wrap the model in DDP, its buffers (code counts) left
@@ -30,21 +43,6 @@ def join_process_group(model, device, find_unused):
     return model, peers
 
 
-def _gone(pid):
-    """Whether process `pid` of this host no longer runs (a zombie, dead but not yet reaped, counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
 def lost_peer(exc, peers, wait_s=2.0):
     """The other rank(s) that made this one stop, as far as can be known: "rank 1 (pid 123, which no longer runs)"
     for the ranks of this host whose process ended (waiting up to `wait_s` for one: a killed process closes its
@@ -52,7 +50,7 @@ def lost_peer(exc, peers, wait_s=2.0):
     backend, else None. peers: [(host, pid)] of every rank (`join_process_group`)."""
     host, deadline = socket.gethostname(), time.time() + wait_s
     while True:
-        lost = [(r, pid) for r, (h, pid) in enumerate(peers) if h == host and pid != os.getpid() and _gone(pid)]
+        lost = [(r, pid) for r, (h, pid) in enumerate(peers) if h == host and pid != os.getpid() and not pid_alive(pid)]
         if lost or time.time() > deadline:
             break
         time.sleep(0.02)

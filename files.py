@@ -80,11 +80,16 @@ def remove_leftovers(path):
 
 
 def pid_alive(pid):
-    """Whether a process with this PID runs on this machine (one of another user counts)."""
+    """Whether a process with this PID runs on this machine (one of another user counts; a zombie, dead but not
+    yet reaped, does not: it holds no file and no lock)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except (PermissionError, OverflowError):  # another user's, or no PID at all: left alone
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):  # no /proc here: it answered the signal, so it runs
+        return True

@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from configuration import require
+from entry import require
 
 
 def enabled():

@@ -16,7 +16,8 @@ import os
 
 import torch
 
-from configuration import ConfigError, require
+from configuration import ConfigError
+from entry import require
 from files import read_json
 
 FIX = "point init_from at a complete local Pythia/GPT-NeoX download"

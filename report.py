@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from configuration import require
+from entry import require
 
 def occurrences(codes, code, n, seed=0):
     """Up to n (row, position) where `code` fires in codes (rows, T, k): best-ranked slot first, then random."""

@@ -25,9 +25,10 @@ import time
 
 import torch
 
-from configuration import ConfigError, Interrupted, Stopped, hold_signals, is_out_dir, uninterrupted
+from configuration import ConfigError, is_out_dir
 from ddp import lost_peer
-from files import atomic_write, read_torch, remove_leftovers
+from entry import Interrupted, Stopped, hold_signals, uninterrupted
+from files import atomic_write, pid_alive, read_torch, remove_leftovers
 
 # ---------------------------------------------------------------------------------------------- kinds
 MARKER = ".codebook-kind.json"  # {"kind", "argv", "cwd", "time", "format"}: what wrote the directory, and how
@@ -229,12 +230,8 @@ def _left_by(text):
     """What a lock file that nobody holds says about its writer, truthfully: gone, or alive without the lock."""
     if not text.isascii() or not text.isdecimal():
         return f"holds {text[:20]!r}, not a process id"
-    try:
-        os.kill(int(text), 0)
-    except ProcessLookupError:
+    if not pid_alive(int(text)):
         return f"was left by process {text}, which no longer runs"
-    except OSError:  # alive, another user's
-        pass
     return f"names process {text}, which runs but does not hold it (a copied or left-over file)"
 
 

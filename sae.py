@@ -42,7 +42,8 @@ import torch.nn.functional as F
 
 import steer
 from analyze import collect_codes, fsm_analysis, fsm_readouts, mlp_neurons, neuron_baseline
-from configuration import ConfigError, cli, is_device, is_out_dir, parse_config, spec, validate
+from configuration import ConfigError, is_device, is_out_dir, parse_config, spec, validate
+from entry import cli
 from evaluate import bypassed, dictionary_metrics
 from fsm import TokFSM
 from memory import check_sae

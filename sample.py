@@ -16,7 +16,8 @@ from typing import Optional
 
 import torch
 
-from configuration import ConfigError, autocast_for, cli, is_device, parse_config, read_text, spec, validate
+from configuration import ConfigError, autocast_for, is_device, parse_config, read_text, spec, validate
+from entry import cli
 from memory import check_sampling
 from model import load_run
 from progress import forward_progress

@@ -44,7 +44,8 @@ from typing import Optional
 import torch
 
 from analyze import state_codes
-from configuration import ConfigError, cli, is_device, is_digits, parse_config, spec, split_list, validate
+from configuration import ConfigError, is_device, is_digits, parse_config, spec, split_list, validate
+from entry import cli
 from evaluate import evaluate_fsm, evaluate_lm
 from files import atomic_write
 from fsm import TokFSM

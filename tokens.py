@@ -11,7 +11,8 @@ from collections import namedtuple
 import numpy as np
 import torch
 
-from configuration import ConfigError, require
+from configuration import ConfigError
+from entry import require
 from files import read_json
 
 

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from analyze import collect_codes, precision_recall, regex_mask
-from configuration import ConfigError, cli, is_device, is_out_dir, parse_config, spec, split_list, validate
+from configuration import ConfigError, is_device, is_out_dir, parse_config, spec, split_list, validate
+from entry import cli
 from files import read_json
 from memory import check_topics
 from model import load_run

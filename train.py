@@ -43,9 +43,10 @@ import torch.distributed as dist
 
 import pythia
 from codebook import KMEANS_MAX_TOKENS, sync_counts
-from configuration import (ConfigError, autocast_for, build, cli, device_of, is_device, is_out_dir, parse_args,
-                           resume_config, spec, split_config, uninterrupted, validate)
-from ddp import AllFinite, end_process_group, join_process_group
+from configuration import (ConfigError, autocast_for, build, is_device, is_out_dir, parse_args, resume_config,
+                           spec, split_config, validate)
+from ddp import AllFinite, end_process_group, join_process_group, rank_device
+from entry import cli, uninterrupted
 from evaluate import evaluate_fsm, evaluate_lm
 from fsm import TokFSM
 from memory import check_training
@@ -347,10 +348,7 @@ def setup(argv):
                           micro=cfg.batch_size // (world * cfg.gradient_accumulation_steps), resumed=ckpt is not None,
                           iter_num=ckpt["iter_num"] if ckpt else 0, train_time=0.0, lock=None, log=None,
                           ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"))
-    run.device = device_of(cfg.device)
-    if ddp and run.device.startswith("cuda"):
-        run.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(run.device)
+    run.device = rank_device(cfg.device, ddp)
     check_training(cfg, gcfg, world, run.device)  # sizes that cannot fit stop here, before the first big allocation
     run.stop = EarlyStop(cfg.out_dir, run.iter_num if ckpt else None, False, rank, world)  # where the run stands
     if cfg.dataset == "fsm":

@@ -62,7 +62,8 @@ from typing import Optional
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
-from configuration import ConfigError, check_help, cli, is_out_dir, parse_args, read_text, spec, validate  # noqa: E402
+from configuration import ConfigError, check_help, is_out_dir, parse_args, read_text, spec, validate  # noqa: E402
+from entry import cli  # noqa: E402
 from files import atomic_write  # noqa: E402
 from progress import progress  # noqa: E402
 from rundir import claim, mark, staged_dir  # noqa: E402

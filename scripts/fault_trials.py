@@ -33,7 +33,8 @@ os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported, here and in eve
 
 import torch  # noqa: E402
 
-from configuration import ConfigError, cli, parse_config, spec, validate  # noqa: E402
+from configuration import ConfigError, parse_config, spec, validate  # noqa: E402
+from entry import cli  # noqa: E402
 from model import model_from_checkpoint  # noqa: E402
 from rundir import load_checkpoint  # noqa: E402
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass, fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configuration import (ConfigError, cli, is_out_dir, load_preset, parse_config, spec, split_list,  # noqa: E402
-                           validate)
+from configuration import ConfigError, is_out_dir, load_preset, parse_config, spec, split_list, validate  # noqa: E402
+from entry import cli  # noqa: E402
 from model import GPTConfig  # noqa: E402
 from progress import progress  # noqa: E402
 from rundir import claim, dir_problem, load_checkpoint, mark  # noqa: E402

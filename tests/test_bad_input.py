@@ -2,7 +2,7 @@
 data/prepare). Each case runs in a copy of a small world of earlier results (a finished TokFSM run with its
 analysis, a language-model run with its topics, prepared token files, presets, torn and foreign files) and must
 stop with a non-zero exit and one `error:` line naming the problem and a fix, with no traceback, leaving every
-earlier result byte-identical. The cases run in process through configuration.cli (an exception other than the one-line
+earlier result byte-identical. The cases run in process through entry.cli (an exception other than the one-line
 exit fails the test, as a traceback would); a few run as real subprocesses, to check the scripts' own entry."""
 
 import json
@@ -26,7 +26,7 @@ import topics
 import train
 from data import prepare
 from model import GPT, GPTConfig
-from configuration import cli
+from entry import cli
 
 TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=16", "--batch_size=8", "--eval_seqs=16",
         "--eval_samples=8", "--codebook_sites=attn_heads,mlp", "--num_codes=32", "--device=cpu"]

@@ -1,4 +1,4 @@
-"""The command line of every entry point (configuration.py, progress.py): `--help` and `-h` list every option of the
+"""The command line of every entry point (configuration.py, entry.py, progress.py): `--help` and `-h` list every option of the
 entry point's dataclasses with its type, default, valid values, meaning and group; an unknown option names the
 closest valid one; a flag given twice is an error; progress bars go to stderr only when asked and change nothing."""
 
@@ -17,6 +17,7 @@ from conftest import ROOT
 import analyze
 import bench
 import configuration
+import entry
 import progress
 import sae
 import sample
@@ -77,7 +78,7 @@ def test_help_lists_every_option_and_exits_0(script, capsys):
         return
     argv = ["tinystories", "-h"] if script == "data/prepare.py" else ["-h"]
     with pytest.raises(SystemExit) as e:
-        configuration.cli(module.main, argv)
+        entry.cli(module.main, argv)
     assert e.value.code == 0 and capsys.readouterr().out == r.stdout
 
 
@@ -110,7 +111,7 @@ def test_usage_is_the_first_paragraph_and_its_commands():
 
 def error_of(main, argv, capsys):
     with pytest.raises(SystemExit) as e:
-        configuration.cli(main, argv)
+        entry.cli(main, argv)
     assert capsys.readouterr().err == ""
     msg = e.value.code
     assert isinstance(msg, str) and "\n" not in msg

@@ -19,7 +19,7 @@ import sae
 import steer
 import topics
 import train
-from configuration import cli
+from entry import cli
 from data import prepare
 from files import atomic_write, remove_leftovers
 from rundir import MARKER, claim, kind_of, staged_dir

@@ -29,7 +29,7 @@ import sample
 import steer
 import topics
 import train
-from configuration import cli
+from entry import cli
 from model import GPT, GPTConfig
 
 # One fresh process measures every configuration in turn (memory.peak after glibc has handed back what the previous

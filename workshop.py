@@ -1,19 +1,26 @@
 """
-Checks and helpers for workshop.ipynb: each `check_*` runs a learner's answer against this repository's own code
-on known inputs and raises an AssertionError that says what is wrong; `train_live` trains with a live plot.
-The answers themselves are in workshop_solutions.py.
+Checks and helpers for workshop.ipynb. Each `check_*` runs a learner's answer against this repository's own code
+on known inputs and raises an AssertionError that names the likely mistake; the answers are in
+workshop_solutions.py. The helpers train with a live plot (`train_live`), run the learner's state swap over every
+codebook (`swap_table`), read out a dictionary of features (`dictionary_row`) and draw the figures.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import torch
+import torch.nn.functional as F
 
-from analyze import precision_recall
+import codebook
+import steer
+from analyze import collect_codes, fsm_analysis, fsm_readouts, mlp_neurons, neuron_baseline, precision_recall
 from codebook import CodebookLayer
+from evaluate import Recorder, bypassed, evaluate_fsm, mean_ce
 from steer import jsd
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -26,6 +33,7 @@ def _missing(fn, *args):
         raise AssertionError("not answered yet: replace `raise NotImplementedError` by your code") from None
 
 
+# ---------------------------------------------------------------------------------------------- the codebook layer
 def check_codebook(codebook_forward):
     """codebook_forward(a (N, d), codes (M, d), k) -> (out (N, d), idx (N, k), recon ()) against CodebookLayer
     (one group, no LayerNorm): chosen codes, output, reconstruction loss, and gradients to a and to the codes."""
@@ -48,6 +56,9 @@ def check_codebook(codebook_forward):
                                  f"{want_idx[0].tolist()}: take the top-k cosine similarities{hint}")
         assert out.shape == a.shape, f"out has shape {tuple(out.shape)}, expected {tuple(a.shape)}"
         assert torch.allclose(out, want, atol=1e-5), f"k={k}: the output should be the sum of the chosen codes"
+        if torch.allclose(recon, layer.recon_loss * a.shape[1], atol=1e-5):
+            raise AssertionError("recon is the squared norm |q - a|^2 averaged over rows; the formula's 1/(N d) "
+                                 "averages over all N * d coordinates, as F.mse_loss does")
         assert torch.allclose(recon, layer.recon_loss, atol=1e-6), \
             f"k={k}: recon is {recon.item():.4f}, expected MSE(q, a.detach()) = {layer.recon_loss.item():.4f}"
         g = torch.randn_like(out)
@@ -58,25 +69,117 @@ def check_codebook(codebook_forward):
             "the gradient to a should be the upstream gradient itself: straight-through, out = q + a - a.detach()"
         (want * g).sum().add(layer.recon_loss).backward()
         assert gc is not None and torch.allclose(gc, layer.codes.grad[0], atol=1e-5), \
-            "the codes' gradient differs: the codes learn from the output (through q) and from recon = MSE(q, a.detach())"
+            "the codes' gradient differs: the codes learn from the output (through q) and from " \
+            "recon = MSE(q, a.detach())"
     return "correct: cosine top-k, sum of codes, straight-through, reconstruction loss"
 
 
-def check_precision_recall(fn, codes=None, labels=None):
+# ---------------------------------------------------------------------------------------------- k-means
+def kmeans_reference(a, init, k, iters, assign="cosine"):
+    """k-means of a (N, d) from init (M, d): `iters` rounds of "assign each row to its best code, move each code to
+    the mean of its rows (a code without rows stays)", then divided by k. assign: "cosine" (CodebookLayer's),
+    "dot" or "distance" (the usual mistakes). Returns (M, d)."""
+    codes = init.clone()
+    for _ in range(iters):
+        if assign == "cosine":
+            scores = F.normalize(a, dim=-1) @ F.normalize(codes, dim=-1).T  # (N, M)
+        elif assign == "dot":
+            scores = a @ codes.T
+        else:
+            scores = -torch.cdist(a, codes)
+        best = scores.argmax(1)  # (N,)
+        n = torch.bincount(best, minlength=len(codes)).unsqueeze(1)  # (M, 1)
+        sums = torch.zeros_like(codes).index_add_(0, best, a)
+        codes = torch.where(n > 0, sums / n.clamp(min=1), codes)
+    return codes / k
+
+
+def kmeans_data(seed=0):
+    """Activations for the k-means check and demo: (a (400, 8), init (11, 8)). Five clusters of rows with lengths
+    from 0.2 to 3.2 (distance and dot product then disagree with cosine); init holds two rows of each cluster and a
+    last code that points away from all of them, so that it wins no row."""
+    g = torch.Generator().manual_seed(seed)
+    u = F.normalize(torch.randn(8, generator=g), dim=0)
+    centers = F.normalize(2 * u + torch.randn(5, 8, generator=g), dim=-1)  # (5, 8) all on u's side
+    labels = torch.arange(400) % 5
+    a = (centers[labels] + 0.3 * torch.randn(400, 8, generator=g)) * (0.2 + 3 * torch.rand(400, 1, generator=g))
+    return a, torch.cat([a[:10], -2 * u.unsqueeze(0)])
+
+
+def check_kmeans(fn):
+    """fn(a (N, d), init (M, d), k, iters) -> codes (M, d), against CodebookLayer.kmeans_init started from the same
+    codes: clustered rows (k = 1 and 2, an empty code among them) and unclustered ones (1 and 2 rounds)."""
+    a, init = kmeans_data()
+    g = torch.Generator().manual_seed(1)
+    b = torch.randn(200, 8, generator=g) * (0.2 + 3 * torch.rand(200, 1, generator=g))  # no clusters: slow to settle
+    for x, start, k, iters in ((a, init, 1, 5), (a, init, 2, 5), (b, b[:16], 1, 1), (b, b[:16], 1, 2)):
+        layer = CodebookLayer(x.shape[1], num_codes=len(start), k=k, layernorm=False)
+        layer.kmeans_iters = iters
+        with mock.patch.object(codebook, "_distinct_rows", lambda rows, m: start.clone()):
+            layer.kmeans_init(x.unsqueeze(1))  # (N, 1, d): one group
+        want = layer.codes.detach()[0]
+        got = _missing(fn, x.clone(), start.clone(), k, iters)
+        assert isinstance(got, torch.Tensor) and got.shape == want.shape, \
+            f"returned {type(got).__name__} {tuple(getattr(got, 'shape', ()))}: expected codes (M, d) = " \
+            f"{tuple(want.shape)}"
+        if torch.allclose(got.float(), want, atol=1e-5):
+            continue
+        if x is a and not torch.isfinite(got[-1]).all():
+            raise AssertionError("the last code wins no activation and became NaN (the mean of nothing): a code "
+                                 "without members keeps its value")
+        if x is a and got[-1].abs().max() == 0:
+            raise AssertionError("the last code wins no activation and became 0: a code without members keeps "
+                                 "its value")
+        for assign in ("dot", "distance"):
+            if torch.allclose(got, kmeans_reference(x, start, k, iters, assign), atol=1e-5):
+                raise AssertionError(f"members chosen by {'dot product' if assign == 'dot' else 'distance'}: assign "
+                                     "each activation to the code with the highest cosine similarity (normalise both)")
+        if k > 1 and torch.allclose(got, want * k, atol=1e-5):
+            raise AssertionError(f"k={k}: divide the means by k at the end: k codes are summed per token, so each is "
+                                 "a k-th of an activation's size")
+        norms = got.norm(dim=-1)
+        if torch.allclose(norms, norms[:1].expand_as(norms), atol=1e-4):
+            raise AssertionError("every code has the same length: a code is the mean of its members itself (then "
+                                 "divided by k), not its direction; the layer outputs codes, so their length matters")
+        for n in (iters - 1, iters + 1):
+            if n >= 0 and torch.allclose(got, kmeans_reference(x, start, k, n), atol=1e-5):
+                raise AssertionError(f"iters={iters}: your codes are those of {n} rounds (assign, then move)")
+        raise AssertionError(f"k={k}, iters={iters}: codes differ from CodebookLayer.kmeans_init's (largest "
+                             f"difference {(got - want).abs().max().item():.3g}): each round, assign every row to the "
+                             "code of highest cosine, then move each code to the mean of its rows; divide by k last")
+    return "correct: cosine assignment, codes at the means of their members (empty ones kept), divided by k"
+
+
+def mean_cosine(a, codes):
+    """The mean cosine similarity of each row of a (N, d) to its best code of codes (M, d): how tight the clusters
+    are (1 = every row points exactly along its code)."""
+    return (F.normalize(a, dim=-1) @ F.normalize(codes, dim=-1).T).max(1).values.mean().item()
+
+
+# ---------------------------------------------------------------------------------------------- precision, recall
+def check_precision_recall(fn, codes=None, labels=None, num_labels=None, num_codes=None):
     """fn(codes (N,), labels (N,), num_labels, num_codes) -> (precision (L, M), recall (L, M)) against
     analyze.precision_recall, on a hand-made case and, when given, on a real model's codes and labels."""
     c = torch.tensor([0, 0, 1, 2, 2, 2])
     y = torch.tensor([0, 0, 0, 1, 1, 0])
-    P, R = _missing(fn, c, y, 2, 3)
-    assert P.shape == R.shape == (2, 3), f"shapes {tuple(P.shape)}, {tuple(R.shape)}: expected (labels, codes)"
-    if not torch.allclose(P.float(), torch.tensor([[1.0, 1.0, 1 / 3], [0.0, 0.0, 2 / 3]])):
+    P, R = _missing(fn, c, y, 3, 5)  # label 2 and codes 3, 4 never occur
+    if tuple(P.shape) == (2, 3):
+        raise AssertionError("tables of shape (2, 3), sized from the data (max() + 1): use (num_labels, num_codes) = "
+                             "(3, 5); a code that never fires and a label that never occurs still have a column, a row")
+    assert P.shape == R.shape == (3, 5), f"shapes {tuple(P.shape)}, {tuple(R.shape)}: expected (num_labels, num_codes)"
+    want_p = torch.tensor([[1.0, 1.0, 1 / 3, 0, 0], [0.0, 0.0, 2 / 3, 0, 0], [0, 0, 0, 0, 0]])
+    want_r = torch.tensor([[0.5, 0.25, 0.25, 0, 0], [0.0, 0.0, 1.0, 0, 0], [0, 0, 0, 0, 0]])
+    if not torch.isfinite(P.float()).all() or not torch.isfinite(R.float()).all():
+        raise AssertionError("NaN for a code that never fires or a label that never occurs: 0 when undefined")
+    if not torch.allclose(P.float(), want_p):
         raise AssertionError(f"precision {P.tolist()}: P[l, c] is the share of code c's firings that carry label l "
                              "(divide by how often the code fires)")
-    if not torch.allclose(R.float(), torch.tensor([[0.5, 0.25, 0.25], [0.0, 0.0, 1.0]])):
+    if not torch.allclose(R.float(), want_r):
         raise AssertionError(f"recall {R.tolist()}: R[l, c] is the share of label l's positions where code c fires "
                              "(divide by how often the label occurs)")
     if codes is not None:
-        L, M = int(labels.max()) + 1, int(codes.max()) + 1
+        L = num_labels or int(labels.max()) + 1
+        M = num_codes or int(codes.max()) + 1
         _, P0, R0 = precision_recall(codes.view(-1, 1), labels, L, M)
         P, R = fn(codes, labels, L, M)
         assert torch.allclose(P.float(), P0.float(), atol=1e-6) and torch.allclose(R.float(), R0.float(), atol=1e-6), \
@@ -84,6 +187,69 @@ def check_precision_recall(fn, codes=None, labels=None):
     return "correct: precision and recall match analyze.py"
 
 
+# ---------------------------------------------------------------------------------------------- your layer in the model
+def check_your_layer(fn, model, fsm, site="h.0.mlp", eval_seqs=512, samples=1000, seed=1337):
+    """fn(layer, x) -> out: the forward of the trained CodebookLayer `layer` (one group) written by the learner, put
+    in place of the model's `site` codebook. Compares the logits and chosen codes on one batch with the layer's own,
+    then evaluates the model with it as train.py does (evaluate_fsm with train.py's eval set and seed); says the
+    loss and the valid transitions."""
+    layer = dict(model.codebooks())[site]
+    x, y = fsm.eval_set(eval_seqs, model.config.block_size)
+    model.eval()
+    with torch.no_grad():
+        want, _, _ = model(x[:64])
+        want_idx = layer.last_indices.clone()
+        layer.last_indices = None
+        with layer_replaced(model, site, fn):
+            try:
+                got, _, _ = _missing(model, x[:64])
+            except AssertionError:
+                raise
+            except Exception as e:  # the model's next layer could not use the output
+                raise AssertionError(f"the model failed with your layer ({type(e).__name__}: {str(e)[:120]}): "
+                                     "return out with x's shape (B, T, d)") from None
+            idx = layer.last_indices
+    if idx is None or tuple(idx.shape) != tuple(want_idx.shape):
+        raise AssertionError(f"layer.last_indices is {None if idx is None else tuple(idx.shape)}: set it to the "
+                             f"chosen codes, (B, T, 1, k) = {tuple(want_idx.shape)}: the metrics read it")
+    if not torch.allclose(got, want, atol=1e-4):
+        with torch.no_grad(), layer_replaced(model, site, _no_layernorm):
+            plain, _, _ = model(x[:64])
+        hint = ("the trained codes live after the layer's LayerNorm: a = layer.ln(x) first" if torch.allclose(
+            got, plain, atol=1e-4) else "the output should be the sum of the chosen codes of layer.codes[0]")
+        raise AssertionError(f"the model's logits change with your layer (largest difference "
+                             f"{(got - want).abs().max().item():.3g}): {hint}")
+    if not torch.equal(idx, want_idx):
+        raise AssertionError("same output, but last_indices differ from the codes chosen: store idx as (B, T, 1, k)")
+    with layer_replaced(model, site, fn):  # (its loss recovered would differ: your layer has no bypass)
+        m = evaluate_fsm(model, fsm, x, y, samples, seed)
+    return (f"correct: the model with your layer at {site}: eval loss {m['loss']:.4f}, valid transitions "
+            f"{100 * m['valid']:.1f}% ({eval_seqs} eval sequences, {samples} samples, as train.py evaluates)")
+
+
+def _no_layernorm(layer, x):  # the likely mistake, for the hint above
+    a = x.reshape(-1, layer.dim)
+    c = layer.codes[0]
+    idx = (F.normalize(a, dim=-1) @ F.normalize(c, dim=-1).T).topk(layer.k).indices
+    layer.last_indices = idx.view(*x.shape[:-1], 1, layer.k)
+    return c[idx].sum(1).view(x.shape)
+
+
+class layer_replaced:
+    """Within the block, the codebook `site` of `model` runs fn(layer, x) as its forward."""
+
+    def __init__(self, model, site, fn):
+        self.layer, self.fn = dict(model.codebooks())[site], fn
+
+    def __enter__(self):
+        self.layer.forward = lambda x: self.fn(self.layer, x)  # an instance attribute shadows the class's forward
+        return self.layer
+
+    def __exit__(self, *exc):
+        del self.layer.forward
+
+
+# ---------------------------------------------------------------------------------------------- Jensen-Shannon
 def check_jsd(fn):
     """fn(p (n, K), q (n, K)) -> (n,) Jensen-Shannon divergence in nats, against steer.jsd."""
     p = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.2, 0.8]])
@@ -99,9 +265,130 @@ def check_jsd(fn):
     return "correct: JSD in nats"
 
 
-def train_live(runs, every=2.0):
-    """Train the runs {label: train.py arguments} one after another in subprocesses, redrawing the training loss
-    and the valid-transition accuracy of every run so far as their logs grow. Returns {label: log records}."""
+# ---------------------------------------------------------------------------------------------- the state swap
+def swap_reference(model, fsm, ctx_a, ctx_b, sites, positions="state+next", fill=-2, source="B"):
+    """The state swap (steer.fsm_swap's, one site group): the next-state distribution (n, S + 1) of the contexts
+    ctx_a (n, T) with the codes that ctx_b's run chose at `positions` patched into `sites`. The other arguments make
+    the usual mistakes: positions "state" (A's digits only) or "last"; fill -1 (remove the codes elsewhere); source
+    "A" (A's own codes)."""
+    T, D = ctx_a.shape[1], fsm.digits
+    pos = {"state+next": slice(T - D, T + D - 1), "state": slice(T - D, T), "last": slice(T - 1, T)}[positions]
+    _, _, codes = steer.next_state_dist(model, fsm, ctx_b if source == "B" else ctx_a, return_codes=True)
+    patch = {}
+    for s in sites:
+        patch[s] = torch.full_like(codes[s], fill)
+        patch[s][:, pos] = codes[s][:, pos]
+    return steer.next_state_dist(model, fsm, ctx_a, patch)[0]
+
+
+def success(fsm, p, B):
+    """Mean probability that the next state is a successor of B, over rows of p (n, S + 1) and states B (n,)."""
+    return (p[:, : fsm.num_states] * fsm.adj[B]).sum(1).mean().item()
+
+
+def check_swap(fn, model, fsm, pairs=40):
+    """fn(model, fsm, ctx_a, ctx_b, sites) -> p (n, S + 1), the next-state distribution of A's contexts with B's codes
+    patched in at `sites`, against swap_reference, on `pairs` pairs (A, B) of the paper's Fig. 4 protocol."""
+    A, B, ctx_a, ctx_b = steer.swap_pairs(fsm, pairs, seed=1)
+    names = [n for n, _ in model.codebooks()]
+    for sites in (names[: len(names) // 2], names[-1:]):  # layer 0's codebooks; the last one alone
+        got = _missing(fn, model, fsm, ctx_a, ctx_b, sites)
+        want = swap_reference(model, fsm, ctx_a, ctx_b, sites)
+        assert isinstance(got, torch.Tensor) and got.shape == want.shape, \
+            f"returned {tuple(getattr(got, 'shape', ()))}: expected p (n, S + 1) = {tuple(want.shape)}"
+        if torch.allclose(got, want, atol=1e-5):
+            continue
+        s, w = 100 * success(fsm, got, B), 100 * success(fsm, want, B)
+        where = f"patching {', '.join(sites)}: success {s:.1f}% where it should be {w:.1f}%"
+        mistakes = [
+            (dict(positions="state"), "B's codes at A's digits only move the first digit: the next state's second "
+             "digit is predicted at the positions after T - 1, whose codes must be B's too (T - D to T + D - 2)"),
+            (dict(positions="last"), "B's codes at the last position only: patch every digit of A's state and of the "
+             "next state (positions T - D to T + D - 2)"),
+            (dict(fill=-1), "-1 removes a code (the site adds nothing there): fill with -2 (keep the model's own)"),
+            (dict(source="A"), "no effect, as with A's own codes: take the codes that B's context chose"),
+            (dict(sites=names), "you patched every codebook: patch only those in `sites`")]
+        for kw, says in mistakes:
+            alt = swap_reference(model, fsm, ctx_a, ctx_b, **{"sites": sites, **kw})
+            if torch.allclose(got, alt, atol=1e-5):
+                raise AssertionError(f"{where}: {says}")
+        raise AssertionError(f"{where}: patch B's codes at positions T - D to T + D - 2 of the sites in `sites`, -2 "
+                             "elsewhere, and read next_state_dist of A's contexts with that patch")
+    return "correct: B's codes at A's state and the next state's digits, in the codebooks asked for"
+
+
+def swap_table(swap, model, fsm, jsd_fn, pairs=200, seed=0, batch=100):
+    """The learner's swap over every site group (steer.site_groups: all, mlp, attn, each layer, each codebook) on
+    `pairs` pairs. Returns {group: (success, normalised JSD over next states)} with "none" (A) and "B" (ceiling)."""
+    A, B, ctx_a, ctx_b = steer.swap_pairs(fsm, pairs, seed)
+    groups = steer.site_groups(model)
+    out = {name: [] for name in ["none", *groups, "B"]}
+    for s in range(0, pairs, batch):
+        a, b, B_ = ctx_a[s : s + batch], ctx_b[s : s + batch], B[s : s + batch]
+        p_a, p_b = steer.next_state_dist(model, fsm, a)[0], steer.next_state_dist(model, fsm, b)[0]
+        base = jsd_fn(p_a, p_b)
+        for name in out:
+            p = p_a if name == "none" else p_b if name == "B" else swap(model, fsm, a, b, groups[name])
+            out[name].append(torch.stack([(p[:, : fsm.num_states] * fsm.adj[B_]).sum(1), jsd_fn(p, p_b) / base], 1))
+    return {name: tuple(torch.cat(v).mean(0).tolist()) for name, v in out.items()}
+
+
+def next_state_readout(fsm, out, A, B):
+    """Where sampled continuations go: out (n, L) ends with the D digits of the next state after a prompt ending in
+    A. Returns {"A", "B", "other": % of next states that are successors of A, of B, of neither; "digit A", "digit B",
+    "digit both": % of first digits that begin successors of A only, of B only, of both}."""
+    D = fsm.digits
+    nxt = fsm.tokens_to_states(out[:, -D:]).squeeze(1)  # (n,) -1 when malformed
+    first = lambda s: set(fsm.states_to_tokens(fsm.succ[s].unsqueeze(1))[:, 0].tolist())  # noqa: E731
+    fa, fb = first(A), first(B)
+    d = out[:, -D].tolist()
+    pct = lambda xs: 100 * sum(xs) / len(xs)  # noqa: E731
+    ok = nxt >= 0
+    succ = lambda s: (ok & fsm.adj[s][nxt.clamp(min=0)]).tolist()  # noqa: E731
+    return {"A": pct(succ(A)), "B": pct(succ(B)),
+            "digit A": pct([x in fa - fb for x in d]), "digit B": pct([x in fb - fa for x in d]),
+            "digit both": pct([x in fa & fb for x in d])}
+
+
+# ---------------------------------------------------------------------------------------------- dictionaries
+@torch.no_grad()
+def dictionary_row(model, fsm, x, y):
+    """A dictionary of features (codebooks, or SAEs spliced in as sae.py does) read like analyze.py reads codes, on
+    eval sequences x, y (n, T): {"owning": states owning a feature of an MLP site (precision and recall >= 0.9),
+    "of": states seen, "precision", "recall": means over the states of each state's best feature by F1, "fvu": {site:
+    FVU} of the MLP sites, "loss": eval loss with the dictionary in place, "summary": fsm_analysis's summary}."""
+    batches = list(zip(x.split(256), y.split(256)))
+    with Recorder(model) as rec:
+        loss, _ = mean_ce(model, batches)
+    col = collect_codes(model, x.split(256))
+    col["books"] = model.books()
+    summary, _, _ = fsm_analysis(col, fsm)
+    m = summary["mlp"]
+    return {"owning": m["states_owning_code"], "of": m["of"], "precision": m["mean_precision"],
+            "recall": m["mean_recall"], "fvu": {n: rec.fvu(n) for n, _ in rec.books if "mlp" in n}, "loss": loss,
+            "summary": summary}
+
+
+@torch.no_grad()
+def neuron_row(model, fsm, x, y, recall=0.9):
+    """The neurons of `model` (its dictionaries bypassed) as detectors of states: each state's best post-GELU MLP
+    neuron thresholded at `recall`, on eval sequences x, y (n, T). Returns {"owning": states whose best neuron reaches
+    precision 0.9, "of": states seen, "precision": mean precision, "loss": the model's own eval loss}."""
+    rows, cols, labels = fsm_readouts(x, fsm)["state"]
+    with bypassed(model):
+        acts = mlp_neurons(model, x, rows, cols)  # (N, n_layer * 4 d)
+        loss, _ = mean_ce(model, list(zip(x.split(256), y.split(256))))
+    prec, _, _ = neuron_baseline(acts, labels, torch.full((fsm.num_states,), recall))
+    seen = torch.bincount(labels, minlength=fsm.num_states) > 0
+    return {"owning": int(((prec >= 0.9) & seen).sum()), "of": int(seen.sum()), "precision": prec[seen].mean().item(),
+            "loss": loss}
+
+
+# ---------------------------------------------------------------------------------------------- training, live
+def train_live(runs, switch=None, floor=None, every=2.0):
+    """Train the runs {label: train.py arguments} one after another in subprocesses, redrawing as their logs grow:
+    the training cross-entropy (the step `switch` where the codes go on and the entropy `floor` marked), the FVU of
+    the codebooks and the valid transitions at each evaluation. Returns {label: log records}."""
     import matplotlib.pyplot as plt
     from IPython.display import clear_output, display
 
@@ -113,14 +400,29 @@ def train_live(runs, every=2.0):
         while True:
             done = proc.poll() is not None
             logs[label] = read_log(os.path.join(HERE, out, "log.jsonl"))
-            fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.2))
-            for name, recs in logs.items():
-                ax1.plot([r["iter"] for r in recs if "ce" in r], [r["ce"] for r in recs if "ce" in r], label=name)
+            fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 3.2))
+            for i, (name, recs) in enumerate(logs.items()):
+                c = f"C{i}"
+                tr = [r for r in recs if "ce" in r]
+                ax1.plot([r["iter"] for r in tr], [r["ce"] for r in tr], color=c, label=name)
                 ev = [r for r in recs if "eval" in r]
-                ax2.plot([r["iter"] for r in ev], [100 * r["eval"]["valid"] for r in ev], "o-", label=name)
-            ax1.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="training loss")
-            ax2.set(xlabel="step", ylabel="%", title="valid transitions (sampled)", ylim=(0, 100))
-            ax1.legend(), ax2.legend()
+                fv = [r for r in ev if r["eval"].get("fvu") is not None and math.isfinite(r["eval"]["fvu"])]
+                if fv:
+                    ax2.plot([r["iter"] for r in fv], [r["eval"]["fvu"] for r in fv], "o-", color=c, label=name)
+                ax3.plot([r["iter"] for r in ev], [100 * r["eval"]["valid"] for r in ev], "o-", color=c, label=name)
+            if switch is not None:
+                for ax in (ax1, ax2, ax3):
+                    ax.axvline(switch, color="grey", ls=":", lw=1)
+                ax1.text(switch, 0.98, " codes on", transform=ax1.get_xaxis_transform(), va="top", fontsize=8,
+                         color="grey")
+            if floor is not None:
+                ax1.axhline(floor, color="k", ls="--", lw=0.8)
+                ax1.text(0, floor, "entropy floor", va="bottom", fontsize=8)
+            ax1.set(xlabel="step", ylabel="nats/token", title="cross-entropy (training batches)")
+            ax2.set(xlabel="step", ylabel="FVU", title="reconstruction: variance unexplained", ylim=(0, None))
+            ax3.set(xlabel="step", ylabel="%", title="valid transitions (sampled)", ylim=(0, 100))
+            ax1.legend(fontsize=8)
+            fig.tight_layout()
             clear_output(wait=True)
             display(fig)
             plt.close(fig)
@@ -147,6 +449,7 @@ def read_log(path):
     return out
 
 
+# ---------------------------------------------------------------------------------------------- figures
 def show_matrix(fsm, ax):
     """The FSM's transition matrix: row s, column t is dark when s -> t is an edge."""
     ax.imshow(fsm.adj.float(), cmap="Greys", interpolation="nearest")

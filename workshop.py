@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from unittest import mock
 
@@ -67,7 +68,11 @@ def check_codebook(codebook_forward):
             raise AssertionError("recon = MSE(q, a.detach()): the reconstruction loss trains the codes, not a")
         assert ga is not None and torch.allclose(ga, g, atol=1e-6), \
             "the gradient to a should be the upstream gradient itself: straight-through, out = q + a - a.detach()"
+        from_recon = torch.autograd.grad(layer.recon_loss, layer.codes, retain_graph=True)[0][0]
         (want * g).sum().add(layer.recon_loss).backward()
+        if gc is not None and torch.allclose(gc, from_recon, atol=1e-6):
+            raise AssertionError("the codes learn from recon only: that is VQ-VAE's form, a + (q - a).detach(); here "
+                                 "out = q + a - a.detach() lets the task loss train the chosen codes through q too")
         assert gc is not None and torch.allclose(gc, layer.codes.grad[0], atol=1e-5), \
             "the codes' gradient differs: the codes learn from the output (through q) and from " \
             "recon = MSE(q, a.detach())"
@@ -386,52 +391,68 @@ def neuron_row(model, fsm, x, y, recall=0.9):
 
 # ---------------------------------------------------------------------------------------------- training, live
 def train_live(runs, switch=None, floor=None, every=2.0):
-    """Train the runs {label: train.py arguments} one after another in subprocesses, redrawing as their logs grow:
-    the training cross-entropy (the step `switch` where the codes go on and the entropy `floor` marked), the FVU of
-    the codebooks and the valid transitions at each evaluation. Returns {label: log records}."""
+    """Train the runs {label: train.py arguments} at the same time, each a subprocess with its share of the CPU
+    threads (on 2 cores, two runs at 1 thread each took 271 s where one after the other at 2 threads took 385 s),
+    redrawing as their logs grow: the training cross-entropy (the step `switch` where the codes go on and the entropy
+    `floor` marked), the FVU of the codebooks and the valid transitions at each evaluation. Returns {label: log
+    records}; raises RuntimeError with the end of train.py's stderr if a run fails."""
     import matplotlib.pyplot as plt
     from IPython.display import clear_output, display
 
-    logs = {}
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // len(runs)))}
+    procs, logs = {}, {label: [] for label in runs}
     for label, args in runs.items():
         out = next(a.split("=", 1)[1] for a in args if a.startswith("--out_dir="))
-        proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=HERE, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
-        while True:
-            done = proc.poll() is not None
-            logs[label] = read_log(os.path.join(HERE, out, "log.jsonl"))
-            fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 3.2))
-            for i, (name, recs) in enumerate(logs.items()):
-                c = f"C{i}"
-                tr = [r for r in recs if "ce" in r]
-                ax1.plot([r["iter"] for r in tr], [r["ce"] for r in tr], color=c, label=name)
-                ev = [r for r in recs if "eval" in r]
-                fv = [r for r in ev if r["eval"].get("fvu") is not None and math.isfinite(r["eval"]["fvu"])]
-                if fv:
-                    ax2.plot([r["iter"] for r in fv], [r["eval"]["fvu"] for r in fv], "o-", color=c, label=name)
-                ax3.plot([r["iter"] for r in ev], [100 * r["eval"]["valid"] for r in ev], "o-", color=c, label=name)
-            if switch is not None:
-                for ax in (ax1, ax2, ax3):
-                    ax.axvline(switch, color="grey", ls=":", lw=1)
-                ax1.text(switch, 0.98, " codes on", transform=ax1.get_xaxis_transform(), va="top", fontsize=8,
-                         color="grey")
-            if floor is not None:
-                ax1.axhline(floor, color="k", ls="--", lw=0.8)
-                ax1.text(0, floor, "entropy floor", va="bottom", fontsize=8)
-            ax1.set(xlabel="step", ylabel="nats/token", title="cross-entropy (training batches)")
-            ax2.set(xlabel="step", ylabel="FVU", title="reconstruction: variance unexplained", ylim=(0, None))
-            ax3.set(xlabel="step", ylabel="%", title="valid transitions (sampled)", ylim=(0, 100))
-            ax1.legend(fontsize=8)
-            fig.tight_layout()
-            clear_output(wait=True)
-            display(fig)
-            plt.close(fig)
-            if done:
-                break
-            time.sleep(every)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{label}: train.py failed: {proc.stderr.read()[-500:]}")
+        err = tempfile.TemporaryFile("w+")  # stderr in a file: a pipe that nobody reads could fill and block
+        procs[label] = (subprocess.Popen([sys.executable, "train.py", *args], cwd=HERE, env=env,
+                                         stdout=subprocess.DEVNULL, stderr=err), os.path.join(HERE, out), err)
+    while True:
+        done = all(p.poll() is not None for p, _, _ in procs.values())
+        for label, (_, out, _) in procs.items():
+            logs[label] = read_log(os.path.join(out, "log.jsonl"))
+        fig = plot_training(logs, switch, floor)
+        clear_output(wait=True)
+        display(fig)
+        plt.close(fig)
+        if done:
+            break
+        time.sleep(every)
+    for label, (p, _, err) in procs.items():
+        err.seek(0)
+        said = err.read()
+        err.close()
+        if p.returncode != 0:
+            raise RuntimeError(f"{label}: train.py failed: {said[-500:]}")
     return logs
+
+
+def plot_training(logs, switch=None, floor=None):
+    """Three panels from {label: log records}: training cross-entropy, eval FVU, eval valid transitions."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 3.2))
+    for i, (name, recs) in enumerate(logs.items()):
+        c = f"C{i}"
+        tr = [r for r in recs if "ce" in r]
+        ax1.plot([r["iter"] for r in tr], [r["ce"] for r in tr], color=c, label=name)
+        ev = [r for r in recs if "eval" in r]
+        fv = [r for r in ev if r["eval"].get("fvu") is not None and math.isfinite(r["eval"]["fvu"])]
+        if fv:
+            ax2.plot([r["iter"] for r in fv], [r["eval"]["fvu"] for r in fv], "o-", color=c, label=name)
+        ax3.plot([r["iter"] for r in ev], [100 * r["eval"]["valid"] for r in ev], "o-", color=c, label=name)
+    if switch is not None:
+        for ax in (ax1, ax2, ax3):
+            ax.axvline(switch, color="grey", ls=":", lw=1)
+        ax1.text(switch, 0.98, " codes on", transform=ax1.get_xaxis_transform(), va="top", fontsize=8, color="grey")
+    if floor is not None:
+        ax1.axhline(floor, color="k", ls="--", lw=0.8)
+        ax1.text(0, floor, "entropy floor", va="bottom", fontsize=8)
+    ax1.set(xlabel="step", ylabel="nats/token", title="cross-entropy (training batches)")
+    ax2.set(xlabel="step", ylabel="FVU", title="reconstruction: variance unexplained", ylim=(0, None))
+    ax3.set(xlabel="step", ylabel="%", title="valid transitions (sampled)", ylim=(0, 100))
+    ax1.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def read_log(path):
@@ -447,6 +468,34 @@ def read_log(path):
         except ValueError:
             pass
     return out
+
+
+# ---------------------------------------------------------------------------------------------- language models
+TINYSTORIES_SHARED = os.path.join("..", "shared", "data", "tinystories", "tinystories_train_head.txt")
+
+
+def tinystories_text(root=HERE, timeout=3.0):
+    """The TinyStories text for Section 7: (text, where it came from), or (None, the one line saying what to run).
+    Looks for TinyStories' validation file in root/data/tinystories-raw (a download of an earlier run), then for the
+    offline copy beside the repository (../shared/data/tinystories), then downloads the validation file (19 MB)
+    with data/prepare.py's downloader when huggingface.co answers within `timeout` seconds."""
+    import socket
+
+    from configuration import ConfigError
+    from data.prepare import TINYSTORIES_FILES, TINYSTORIES_REPO, hf_file
+
+    raw = os.path.join(root, "data", "tinystories-raw")
+    for path in (os.path.join(raw, TINYSTORIES_FILES["val"]), os.path.join(root, TINYSTORIES_SHARED)):
+        if os.path.isfile(path):
+            return open(path, encoding="utf-8").read(), path
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        path = hf_file(TINYSTORIES_REPO, TINYSTORIES_FILES["val"], "dataset", raw)
+        return open(path, encoding="utf-8").read(), path
+    except (OSError, ConfigError) as e:
+        return None, (f"no TinyStories text here and no download ({type(e).__name__}): on a machine with the network "
+                      "run this cell again (it downloads TinyStories' validation file, 19 MB), or `python "
+                      "data/prepare.py tinystories` to prepare the whole dataset for training")
 
 
 # ---------------------------------------------------------------------------------------------- figures

@@ -478,7 +478,8 @@ def tinystories_text(root=HERE, timeout=3.0):
     """The TinyStories text for Section 7: (text, where it came from), or (None, the one line saying what to run).
     Looks for TinyStories' validation file in root/data/tinystories-raw (a download of an earlier run), then for the
     offline copy beside the repository (../shared/data/tinystories), then downloads the validation file (19 MB)
-    with data/prepare.py's downloader when huggingface.co answers within `timeout` seconds."""
+    with data/prepare.py's downloader when huggingface.co answers within `timeout` seconds (never under
+    HF_HUB_OFFLINE=1)."""
     import socket
 
     from configuration import ConfigError
@@ -489,6 +490,8 @@ def tinystories_text(root=HERE, timeout=3.0):
         if os.path.isfile(path):
             return open(path, encoding="utf-8").read(), path
     try:
+        if os.environ.get("HF_HUB_OFFLINE") == "1":  # the hub's own switch (tests set it): no download
+            raise ConnectionError("HF_HUB_OFFLINE=1")
         socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
         path = hf_file(TINYSTORIES_REPO, TINYSTORIES_FILES["val"], "dataset", raw)
         return open(path, encoding="utf-8").read(), path

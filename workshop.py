@@ -489,16 +489,19 @@ def tinystories_text(root=HERE, timeout=3.0):
     for path in (os.path.join(raw, TINYSTORIES_FILES["val"]), os.path.join(root, TINYSTORIES_SHARED)):
         if os.path.isfile(path):
             return open(path, encoding="utf-8").read(), path
-    try:
-        if os.environ.get("HF_HUB_OFFLINE") == "1":  # the hub's own switch (tests set it): no download
-            raise ConnectionError("HF_HUB_OFFLINE=1")
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        path = hf_file(TINYSTORIES_REPO, TINYSTORIES_FILES["val"], "dataset", raw)
-        return open(path, encoding="utf-8").read(), path
-    except (OSError, ConfigError) as e:
-        return None, (f"no TinyStories text here and no download ({type(e).__name__}): on a machine with the network "
-                      "run this cell again (it downloads TinyStories' validation file, 19 MB), or `python "
-                      "data/prepare.py tinystories` to prepare the whole dataset for training")
+    why = "HF_HUB_OFFLINE=1" if os.environ.get("HF_HUB_OFFLINE") == "1" else None  # the hub's own switch: no download
+    if why is None:
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+            path = hf_file(TINYSTORIES_REPO, TINYSTORIES_FILES["val"], "dataset", raw)
+            return open(path, encoding="utf-8").read(), path
+        except OSError:
+            why = "huggingface.co did not answer"
+        except ConfigError as e:
+            why = str(e)
+    return None, (f"no TinyStories text here and no download ({why}): on a machine with the network run this cell "
+                  "again (it downloads TinyStories' validation file, 19 MB), or `python data/prepare.py tinystories` "
+                  "to prepare the whole dataset for training")
 
 
 # ---------------------------------------------------------------------------------------------- figures

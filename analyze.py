@@ -24,13 +24,12 @@ R >= 0.9. Two readouts are reported:
 - every state of every sequence (all positions): the strict one, a code must name the state wherever it occurs;
 - the first state only (BOS + the state's digits, position D; "state + digit" at D + 1): the authors'
   protocol, which partitions the inputs "BOS + 2 digits" (and "+ 3 digits") by the code they get.
-A state's code is its best code by F1 over the MLP books; the neuron baseline (paper Fig. 6a) is,
-for that state, the single MLP neuron (post-GELU activation of mlp.c_fc, any layer) with the highest
-precision when thresholded so that its recall matches the code's.
+A state's code is its best code by F1 over the MLP books; the neuron baseline (paper Fig. 6a, evaluate.py) is,
+for that state, the single MLP neuron with the highest precision when thresholded so that its recall matches the
+code's.
 """
 
 import json
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -39,16 +38,16 @@ from typing import Optional
 import torch
 
 import report
-from configuration import ConfigError, is_device, is_out_dir, is_regex, parse_config, spec, validate
-from entry import cli
-from evaluate import dictionary_metrics, reference_loss
-from files import read_json, read_torch
+from evaluate import dictionary_metrics, eval_batches, mlp_neurons, neuron_baseline, reference_loss
 from fsm import TokFSM
-from memory import check_analysis
 from model import load_run
-from progress import progress
-from rundir import claim, staged_dir
-from tokens import lm_batches, load_tokenizer, load_tokens, vocab_strings
+from plumbing.configuration import ConfigError, is_device, is_out_dir, is_regex, parse_config, spec, validate
+from plumbing.entry import cli
+from plumbing.files import read_json, read_torch
+from plumbing.memory import check_analysis
+from plumbing.progress import progress
+from plumbing.rundir import claim, staged_dir
+from plumbing.tokens import load_tokenizer, vocab_strings
 
 
 @dataclass
@@ -180,51 +179,6 @@ def fsm_readouts(tokens, fsm):
     return out
 
 
-@torch.no_grad()
-def mlp_neurons(model, tokens, rows, cols, batch_size=256, device="cpu"):
-    """Post-GELU MLP activations (mlp.c_fc then GELU, every layer) at the positions (rows, cols): (N, n_layer * H).
-    Read with forward hooks on each block's mlp.gelu module."""
-    acts, hooks, out = [], [], []
-    for block in model.transformer.h:
-        hooks.append(block.mlp.gelu.register_forward_hook(lambda m, i, o: acts.append(o.detach())))
-    try:
-        for s in range(0, len(tokens), batch_size):
-            acts.clear()
-            model(tokens[s : s + batch_size].long().to(device))
-            sel = (rows >= s) & (rows < s + batch_size)
-            out.append(torch.cat([a[rows[sel] - s, cols[sel]] for a in acts], -1).float().cpu())  # (n, L * H)
-    finally:
-        for h in hooks:
-            h.remove()
-    return torch.cat(out)
-
-
-def neuron_baseline(acts, labels, recall):
-    """For each label l, the best single neuron as a detector, thresholded to match `recall[l]`.
-
-    Args:
-        acts: (N, H) activations at the readout positions; labels: (N,); recall: (L,) target recalls.
-    Returns:
-        (precision (L,), neuron (L,), threshold (L,)): the neuron with the highest precision among all H, where
-        each neuron fires when its activation >= the largest threshold that keeps recall >= recall[l].
-    """
-    N, H = acts.shape
-    ranked = acts.t().contiguous().sort(-1).values  # (H, N) ascending: counts above a threshold by bisection
-    prec, best, thr = torch.zeros(len(recall)), torch.zeros(len(recall), dtype=torch.long), torch.zeros(len(recall))
-    for l, r in enumerate(recall.tolist()):
-        pos = acts[labels == l]  # (n_l, H)
-        if len(pos) == 0 or r <= 0:
-            continue
-        m = max(1, math.ceil(r * len(pos) - 1e-9))  # positives that must fire
-        t = pos.sort(0, descending=True).values[m - 1]  # (H,) per-neuron threshold
-        tp = (pos >= t).sum(0)  # (H,)
-        fired = N - torch.searchsorted(ranked, t.unsqueeze(1)).squeeze(1)  # (H,) activations >= t
-        p = tp / fired.clamp(min=1)
-        best[l] = p.argmax()
-        prec[l], thr[l] = p[best[l]], t[best[l]]
-    return prec, best, thr
-
-
 def fsm_analysis(col, fsm, model=None, device="cpu", batch_size=256):
     """State and state+digit codes of every book; the neuron baseline when `model` is given.
 
@@ -350,16 +304,6 @@ def report_regex(out, cfg, col, tok):
 
 
 # ---------------------------------------------------------------------------------------------- main
-def eval_batches(cfg, ckpt, model, fsm):
-    """The analysed data as (x, y) batches: train.py's fixed TokFSM eval set, or consecutive val windows."""
-    T = model.config.block_size
-    if fsm is not None:
-        return list(zip(*(t.split(cfg.batch_size) for t in fsm.eval_set(cfg.num_seqs, T))))
-    rows = max(1, min(cfg.batch_size, 2**26 // (T * model.config.vocab_size)))  # logits <= 256 MiB
-    val = load_tokens(cfg.dataset or ckpt["train_config"]["dataset"], T, model.config.vocab_size)[1]
-    return lm_batches(val, T, cfg.max_tokens, rows)
-
-
 def collect(cfg, model, batches):
     """The codes the model chooses on the batches, or those of --codes."""
     if cfg.codes:  # reuse an earlier collection

@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from codebook import CodebookLayer
-from configuration import is_device, load_preset, parse_config, spec, split_config, validate
-from entry import cli
 from fsm import TokFSM
-from memory import peak
 from model import GPT, GPTConfig
+from plumbing.configuration import is_device, load_preset, parse_config, spec, split_config, validate
+from plumbing.entry import cli
+from plumbing.memory import peak
 
 # (name, N tokens, dim, groups, num_codes, k): the shapes of the performance goals
 SHAPES = [

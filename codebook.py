@@ -41,40 +41,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def _distributed():
-    return dist.is_available() and dist.is_initialized()
-
-
-def _is_rank0():
-    return not _distributed() or dist.get_rank() == 0
-
-
-def _rank0_broadcast(t):
-    """Make every rank hold rank 0's values of t (a no-op without torch.distributed)."""
-    if _distributed():
-        dist.broadcast(t, src=0)
+from plumbing.ddp import distributed, gather_rows, is_rank0, rank0_broadcast
 
 
 # k-means reads at most this many activations (over all ranks): 64k rows of d=1024 floats are 256 MiB per group
 KMEANS_MAX_TOKENS = 65_536
-
-
-def _gather_rows(a, max_tokens):
-    """a (N, ...) -> the rows of every rank, (world * n, ...), each rank sending n = min(N, max_tokens // world)
-    rows drawn at random (the same n on every rank). Without torch.distributed: a, or max_tokens rows of it."""
-    world = dist.get_world_size() if _distributed() else 1
-    n = torch.tensor([min(a.shape[0], max(1, max_tokens // world))], device=a.device)
-    if world > 1:
-        dist.all_reduce(n, op=dist.ReduceOp.MIN)
-    n = int(n)
-    if n < a.shape[0]:
-        a = a[torch.randperm(a.shape[0], device=a.device)[:n]]
-    if world == 1:
-        return a
-    parts = [torch.empty_like(a) for _ in range(world)]
-    dist.all_gather(parts, a.contiguous())
-    return torch.cat(parts)
 
 
 def _distinct_rows(x, m):
@@ -234,13 +205,13 @@ class CodebookLayer(nn.Module):
         """
         self.kmeans_pending = False
         with torch.autocast(a.device.type, enabled=False):  # scores and means in fp32, not the autocast dtype
-            self._kmeans(_gather_rows(a.detach().float(), max_tokens or KMEANS_MAX_TOKENS))  # (N, G, d), every rank
+            self._kmeans(gather_rows(a.detach().float(), max_tokens or KMEANS_MAX_TOKENS))  # (N, G, d), every rank
 
     def _kmeans(self, a):
         """Cosine k-means of a (N, G, d), fp32, into the codes: computed on rank 0 and broadcast."""
         N, G, d = a.shape
         codes = self.codes.data
-        if _is_rank0():
+        if is_rank0():
             codes.copy_(torch.stack([_distinct_rows(a[:, g], self.num_codes) for g in range(G)]))  # (G, M, d)
             for _ in range(self.kmeans_iters):
                 flat = self.flat_indices(self.topk_codes(a, k=1)).squeeze(-1)  # (N, G) nearest code's row
@@ -249,7 +220,7 @@ class CodebookLayer(nn.Module):
                 n = torch.bincount(flat.flatten(), minlength=G * self.num_codes).view(G, -1, 1)
                 codes.copy_(torch.where(n > 0, sums.view_as(codes) / n.clamp(min=1), codes))
             codes.div_(self.k)
-        _rank0_broadcast(codes)
+        rank0_broadcast(codes)
 
     @torch.no_grad()
     def replace_dead_codes(self, noise=0.1):
@@ -265,13 +236,13 @@ class CodebookLayer(nn.Module):
         n_dead = int(dead.sum())
         if n_dead:
             codes = self.codes.data
-            if _is_rank0():
+            if is_rank0():
                 a = self._last_a.transpose(0, 1)  # (G, N, d)
                 pick = torch.randint(a.shape[1], (self.groups, self.num_codes), device=a.device)
                 new = a.gather(1, pick.unsqueeze(-1).expand(-1, -1, a.shape[-1]))  # (G, M, d)
                 new = (new + noise * new.std() * torch.randn_like(new)) / self.k
                 codes.copy_(torch.where(dead.unsqueeze(-1), new, codes))
-            _rank0_broadcast(codes)
+            rank0_broadcast(codes)
         self.recent.zero_()
         return n_dead
 
@@ -286,7 +257,7 @@ def sync_counts(layers):
     if not layers:
         return
     flat = torch.cat([l.pending.flatten() for l in layers])
-    if _distributed():
+    if distributed():
         dist.all_reduce(flat)
     for l, c in zip(layers, flat.split([l.pending.numel() for l in layers])):
         l.counts += c.view_as(l.counts)

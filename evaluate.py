@@ -17,6 +17,10 @@ A codebook model is trained with its codes, so L_bypass is a network it has not 
 recovered > 1), while for an SAE L_bypass is the original model. `recovered_vs_ref` = (L_zero - L) / (L_zero - L_ref)
 puts both on one footing: L_ref is the loss of a reference model on the same data, the matching model trained without
 codebooks (analyze.py's --ref_dir); for an SAE spliced into that model, L_ref = L_bypass and the two ratios agree.
+
+The neuron baseline (paper Fig. 6a): the post-GELU activations of every MLP neuron (mlp_neurons), and for each
+concept the single neuron with the highest precision at a given recall (neuron_baseline), against which codes and
+SAE latents are read (analyze.py, sae.py).
 """
 
 import contextlib
@@ -25,10 +29,10 @@ import math
 
 import torch
 
-from configuration import ConfigError
 from fsm import TokFSM
 from model import load_run
-from tokens import token_windows
+from plumbing.configuration import ConfigError
+from plumbing.tokens import lm_batches, load_tokens, token_windows
 
 
 class Recorder:
@@ -225,3 +229,61 @@ def reference_loss(ref_dir, train_config, model, batches, device):
                                                                                          model.config.vocab_size):
         raise ConfigError(f"--ref_dir={ref_dir} must be a run without codebooks on the analysed run's data")
     return mean_ce(ref, batches)[0]
+
+
+# ---------------------------------------------------------------------------------------------- single neurons
+@torch.no_grad()
+def mlp_neurons(model, tokens, rows, cols, batch_size=256, device="cpu"):
+    """Post-GELU MLP activations (mlp.c_fc then GELU, every layer) at the positions (rows, cols): (N, n_layer * H).
+    Read with forward hooks on each block's mlp.gelu module."""
+    acts, hooks, out = [], [], []
+    for block in model.transformer.h:
+        hooks.append(block.mlp.gelu.register_forward_hook(lambda m, i, o: acts.append(o.detach())))
+    try:
+        for s in range(0, len(tokens), batch_size):
+            acts.clear()
+            model(tokens[s : s + batch_size].long().to(device))
+            sel = (rows >= s) & (rows < s + batch_size)
+            out.append(torch.cat([a[rows[sel] - s, cols[sel]] for a in acts], -1).float().cpu())  # (n, L * H)
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.cat(out)
+
+
+def neuron_baseline(acts, labels, recall):
+    """For each label l, the best single neuron as a detector, thresholded to match `recall[l]`.
+
+    Args:
+        acts: (N, H) activations at the readout positions; labels: (N,); recall: (L,) target recalls.
+    Returns:
+        (precision (L,), neuron (L,), threshold (L,)): the neuron with the highest precision among all H, where
+        each neuron fires when its activation >= the largest threshold that keeps recall >= recall[l].
+    """
+    N, H = acts.shape
+    ranked = acts.t().contiguous().sort(-1).values  # (H, N) ascending: counts above a threshold by bisection
+    prec, best, thr = torch.zeros(len(recall)), torch.zeros(len(recall), dtype=torch.long), torch.zeros(len(recall))
+    for l, r in enumerate(recall.tolist()):
+        pos = acts[labels == l]  # (n_l, H)
+        if len(pos) == 0 or r <= 0:
+            continue
+        m = max(1, math.ceil(r * len(pos) - 1e-9))  # positives that must fire
+        t = pos.sort(0, descending=True).values[m - 1]  # (H,) per-neuron threshold
+        tp = (pos >= t).sum(0)  # (H,)
+        fired = N - torch.searchsorted(ranked, t.unsqueeze(1)).squeeze(1)  # (H,) activations >= t
+        p = tp / fired.clamp(min=1)
+        best[l] = p.argmax()
+        prec[l], thr[l] = p[best[l]], t[best[l]]
+    return prec, best, thr
+
+
+# ---------------------------------------------------------------------------------------------- analyze.py's data
+def eval_batches(cfg, ckpt, model, fsm):
+    """The data analyze.py reads as (x, y) batches: train.py's fixed TokFSM eval set (cfg.num_seqs sequences in
+    batches of cfg.batch_size), or consecutive val windows (cfg.max_tokens tokens of cfg.dataset or the run's)."""
+    T = model.config.block_size
+    if fsm is not None:
+        return list(zip(*(t.split(cfg.batch_size) for t in fsm.eval_set(cfg.num_seqs, T))))
+    rows = max(1, min(cfg.batch_size, 2**26 // (T * model.config.vocab_size)))  # logits <= 256 MiB
+    val = load_tokens(cfg.dataset or ckpt["train_config"]["dataset"], T, model.config.vocab_size)[1]
+    return lm_batches(val, T, cfg.max_tokens, rows)

@@ -27,15 +27,10 @@ import torch.nn.functional as F
 
 import pythia
 from codebook import CodebookLayer
-from configuration import ConfigError, build, device_of, is_digits, spec, split_list, validate
-from rundir import load_checkpoint, load_state
+from plumbing.configuration import ConfigError, build, device_of, is_index_list, spec, split_list, validate
+from plumbing.rundir import load_checkpoint, load_state
 
 SITES = ("attn_heads", "attn", "mlp")
-
-
-def _is_layer_list(text):
-    ok = all(is_digits(i) for i in split_list(text))
-    return None if ok else "is not a comma-separated list of layer indices: e.g. --codebook_layers=0,1"
 
 
 @dataclass
@@ -58,7 +53,7 @@ class GPTConfig:
     layer_norm_eps: float = spec(1e-5, "> 0")
     # codebooks
     codebook_sites: str = spec("attn_heads,mlp", each=SITES, empty_ok=True)  # comma-separated; "" = none
-    codebook_layers: str = spec("", check=_is_layer_list)  # comma-separated layer indices; "" = every layer
+    codebook_layers: str = spec("", check=is_index_list)  # comma-separated layer indices; "" = every layer
     num_codes: int = spec(256, ">= 1")  # codes per group
     k: int = spec(1, ">= 1")  # codes summed per token and group
     codebook_groups: int = spec(1, ">= 1")  # groups G of the attn and mlp sites (attn_heads uses n_head)

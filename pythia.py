@@ -16,9 +16,9 @@ import os
 
 import torch
 
-from configuration import ConfigError
-from entry import require
-from files import read_json
+from plumbing.configuration import ConfigError
+from plumbing.entry import require
+from plumbing.files import read_json
 
 FIX = "point init_from at a complete local Pythia/GPT-NeoX download"
 # the GPTConfig fields a finetuning run sets; the rest come from the checkpoint's config.json

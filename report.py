@@ -1,7 +1,8 @@
 """
 Presentation of analyze.py's results: an offline HTML code browser (each code's frequency, best concepts and the
 contexts where it fires) and matplotlib plots (code frequencies, the state x code heatmap, codes against neurons,
-the paper's Fig. 6a). Written into the analysis directory by `python analyze.py`; nothing here computes a result.
+the paper's Fig. 6a), written into the analysis directory by `python analyze.py`; the table of steer.py's FSM swap.
+Nothing here computes a result.
 """
 
 import html
@@ -10,7 +11,7 @@ import os
 
 import torch
 
-from entry import require
+from plumbing.entry import require
 
 def occurrences(codes, code, n, seed=0):
     """Up to n (row, position) where `code` fires in codes (rows, T, k): best-ranked slot first, then random."""
@@ -182,3 +183,14 @@ def code_summary(out, stats, dictionary):
     for name, d in dictionary.items():
         print(f"  {name:16s} {d['L0'] or '':>3} {d['fvu']:6.3f} {d['dead_pct']:5.1f}% {d['loss']:7.4f} "
               f"{d['loss_bypass']:9.4f} {d['loss_zero']:7.4f} {d['recovered']:9.3f}")
+
+
+def print_swap(res, pairs, patch):
+    """Print steer.fsm_swap's results {site group: {success, stay, jsd, jsd_token, first_digit}} as a table."""
+    print(f"FSM swap over {pairs} pairs (A, B) with disjoint successors, patching the {patch} position(s); "
+          "JSD normalised, over next states and next tokens")
+    print(f"  {'patched sites':14s} {'success':>8s} {'to A':>7s} {'JSD state':>10s} {'JSD token':>10s} {'1st digit':>10s}")
+    for name, r in res.items():
+        label = {"none": "none (A)", "B": "B itself", "code": "B's own code"}.get(name, name)
+        print(f"  {label:14s} {100 * r['success']:7.1f}% {100 * r['stay']:6.1f}% {r['jsd']:10.3f} "
+              f"{r['jsd_token']:10.3f} {100 * r['first_digit']:9.1f}%")

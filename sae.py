@@ -41,15 +41,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import steer
-from analyze import collect_codes, fsm_analysis, fsm_readouts, mlp_neurons, neuron_baseline
-from configuration import ConfigError, is_device, is_out_dir, parse_config, spec, validate
-from entry import cli
-from evaluate import bypassed, dictionary_metrics
+from analyze import collect_codes, fsm_analysis, fsm_readouts
+from evaluate import bypassed, dictionary_metrics, mlp_neurons, neuron_baseline
 from fsm import TokFSM
-from memory import check_sae
 from model import load_run
-from progress import progress
-from rundir import claim, staged_dir
+from plumbing.configuration import ConfigError, is_device, is_out_dir, parse_config, spec, validate
+from plumbing.entry import cli
+from plumbing.memory import check_sae
+from plumbing.progress import progress
+from plumbing.rundir import claim, staged_dir
 
 
 class SAELayer(nn.Module):

@@ -16,12 +16,12 @@ from typing import Optional
 
 import torch
 
-from configuration import ConfigError, autocast_for, is_device, parse_config, read_text, spec, validate
-from entry import cli
-from memory import check_sampling
 from model import load_run
-from progress import forward_progress
-from tokens import load_tokenizer
+from plumbing.configuration import ConfigError, autocast_for, is_device, parse_config, read_text, spec, validate
+from plumbing.entry import cli
+from plumbing.memory import check_sampling
+from plumbing.progress import forward_progress
+from plumbing.tokens import load_tokenizer
 
 
 @dataclass

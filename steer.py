@@ -43,17 +43,18 @@ from typing import Optional
 
 import torch
 
+import report
 from analyze import state_codes
-from configuration import ConfigError, is_device, is_digits, parse_config, spec, split_list, validate
-from entry import cli
 from evaluate import evaluate_fsm, evaluate_lm
-from files import atomic_write
 from fsm import TokFSM
-from memory import check_steering
 from model import load_run
-from progress import progress
-from rundir import is_out_file
-from tokens import load_tokenizer, load_tokens
+from plumbing.configuration import ConfigError, is_device, is_digits, parse_config, spec, split_list, validate
+from plumbing.entry import cli
+from plumbing.files import atomic_write
+from plumbing.memory import check_steering
+from plumbing.progress import progress
+from plumbing.rundir import is_out_file
+from plumbing.tokens import load_tokenizer, load_tokens
 
 
 @dataclass
@@ -343,13 +344,7 @@ def ablation(model, evaluate, **intervention):
 def task_fsm(cfg, model, fsm):
     codes = state_codes(model, cfg.state_codes) if cfg.state_codes else None
     res = fsm_swap(model, fsm, cfg.pairs, cfg.patch, seed=cfg.seed, state_codes=codes)
-    print(f"FSM swap over {cfg.pairs} pairs (A, B) with disjoint successors, patching the {cfg.patch} position(s); "
-          "JSD normalised, over next states and next tokens")
-    print(f"  {'patched sites':14s} {'success':>8s} {'to A':>7s} {'JSD state':>10s} {'JSD token':>10s} {'1st digit':>10s}")
-    for name, r in res.items():
-        label = {"none": "none (A)", "B": "B itself", "code": "B's own code"}.get(name, name)
-        print(f"  {label:14s} {100 * r['success']:7.1f}% {100 * r['stay']:6.1f}% {r['jsd']:10.3f} "
-              f"{r['jsd_token']:10.3f} {100 * r['first_digit']:9.1f}%")
+    report.print_swap(res, cfg.pairs, cfg.patch)
     return res
 
 

@@ -35,15 +35,15 @@ import torch
 import torch.nn.functional as F
 
 from analyze import collect_codes, precision_recall, regex_mask
-from configuration import ConfigError, is_device, is_out_dir, parse_config, spec, split_list, validate
-from entry import cli
-from files import read_json
-from memory import check_topics
 from model import load_run
-from progress import progress
-from rundir import claim, staged_dir
+from plumbing.configuration import ConfigError, is_device, is_out_dir, parse_config, spec, split_list, validate
+from plumbing.entry import cli
+from plumbing.files import read_json
+from plumbing.memory import check_topics
+from plumbing.progress import progress
+from plumbing.rundir import claim, staged_dir
+from plumbing.tokens import lm_batches, load_tokenizer, load_tokens, vocab_strings
 from steer import generate, parse_codes
-from tokens import lm_batches, load_tokenizer, load_tokens, vocab_strings
 
 TOPICS = {"dragon": "dragon", "slide": "slide", "friend": "friend", "flower": "flower", "fire": "fire",
           "baby": "baby", "princess": "prince|crown|king|castle"}  # the paper's topics (Table 3)

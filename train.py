@@ -22,11 +22,9 @@ different data and draw different masks, and a resumed run replays the same batc
 Configuration: TrainConfig below and GPTConfig (model.py), each field with its valid values; presets in config/;
 --key=value overrides both. `batch_size` is the global batch of one optimizer step. A resumed run continues in the
 out_dir it was read from and may change only the options in RESUMABLE.
-Output in out_dir, which one process owns at a time: ckpt.pt (written atomically) and log.jsonl (one JSON object
-per log line and per evaluation). A run that replaces another (--overwrite=true) leaves it whole until its own
-first checkpoint. A non-finite loss or weight stops the run and keeps the last good checkpoint (nan_policy="skip"
-skips such steps instead); so do Ctrl-C, SIGTERM, a lost DDP rank and a full disk, each in one line that names the
-checkpoint kept and the command that resumes. A run that stops early cuts log.jsonl back to that checkpoint.
+Output in out_dir, owned by one process: ckpt.pt and log.jsonl (plumbing/rundir.py). A non-finite loss or weight,
+Ctrl-C, SIGTERM, a lost DDP rank or a full disk stops the run in one line, keeping the last good checkpoint
+(nan_policy="skip" skips non-finite steps instead).
 """
 
 import math
@@ -43,17 +41,18 @@ import torch.distributed as dist
 
 import pythia
 from codebook import KMEANS_MAX_TOKENS, sync_counts
-from configuration import (ConfigError, autocast_for, build, is_device, is_out_dir, parse_args, resume_config,
-                           spec, split_config, validate)
-from ddp import AllFinite, end_process_group, join_process_group, rank_device
-from entry import cli, uninterrupted
 from evaluate import evaluate_fsm, evaluate_lm
 from fsm import TokFSM
-from memory import check_training
 from model import GPT, GPTConfig
-from progress import eta
-from rundir import DirLock, EarlyStop, RunLog, claim, load_checkpoint, load_state, remove_leftovers, save_checkpoint
-from tokens import load_tokens, token_windows
+from plumbing.configuration import (ConfigError, autocast_for, build, is_device, is_out_dir, parse_args,
+                                    resume_config, spec, split_config, validate)
+from plumbing.ddp import AllFinite, join_process_group, rank_device
+from plumbing.entry import cli, uninterrupted
+from plumbing.memory import check_training
+from plumbing.progress import eta
+from plumbing.rundir import (DirLock, EarlyStop, RunLog, claim, close_run, load_checkpoint, load_state,
+                             remove_leftovers, save_checkpoint)
+from plumbing.tokens import load_tokens, token_windows
 
 
 @dataclass
@@ -242,7 +241,7 @@ def main(argv):
             train(run)
         ok = True
     finally:
-        close(run, failed=not ok)
+        close_run(run, failed=not ok)
 
 
 def train(run):
@@ -373,7 +372,7 @@ def setup(argv):
             run.log = RunLog(os.path.join(cfg.out_dir, "log.jsonl"), ckpt.get("run") if ckpt else None,
                              run.iter_num if ckpt else None, pending=run.stop.replacing)
     except BaseException:
-        close(run)
+        close_run(run)
         raise
     if ddp:  # bypassed codebooks (before codebook_start) get no gradient, which DDP must be told
         unused = bool(run.codebooks) and run.iter_num < cfg.codebook_start
@@ -420,17 +419,6 @@ def build_model(run, gcfg, ckpt):
     for cb in run.codebooks:  # the warm start: bypassed until the switch at codebook_start
         cb.bypass = run.iter_num <= cfg.codebook_start
     run.model = torch.compile(model) if cfg.compile else model
-
-
-def close(run, failed=True):
-    """Close the log (cut back to the last checkpoint if the run failed), free out_dir, then leave the process group
-    (ddp.end_process_group; without its barrier when the ranks no longer meet)."""
-    if run.log is not None:
-        run.log.close(rewind=failed)
-    if run.lock is not None:
-        run.lock.release()
-    if run.ddp and dist.is_initialized():
-        end_process_group(failed=failed, barrier=not run.stop.abrupt)
 
 
 if __name__ == "__main__":

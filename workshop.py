@@ -19,8 +19,9 @@ import torch.nn.functional as F
 
 import codebook
 import steer
-from analyze import collect_codes, fsm_analysis, fsm_readouts, mlp_neurons, neuron_baseline, precision_recall
+from analyze import collect_codes, fsm_analysis, fsm_readouts, precision_recall
 from codebook import CodebookLayer
+from evaluate import mlp_neurons, neuron_baseline
 from evaluate import Recorder, bypassed, evaluate_fsm, mean_ce
 from steer import jsd
 
@@ -482,7 +483,7 @@ def tinystories_text(root=HERE, timeout=3.0):
     HF_HUB_OFFLINE=1)."""
     import socket
 
-    from configuration import ConfigError
+    from plumbing.configuration import ConfigError
     from data.prepare import TINYSTORIES_FILES, TINYSTORIES_REPO, hf_file
 
     raw = os.path.join(root, "data", "tinystories-raw")

@@ -33,10 +33,10 @@ os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported, here and in eve
 
 import torch  # noqa: E402
 
-from configuration import ConfigError, parse_config, spec, validate  # noqa: E402
-from entry import cli  # noqa: E402
 from model import model_from_checkpoint  # noqa: E402
-from rundir import load_checkpoint  # noqa: E402
+from plumbing.configuration import ConfigError, parse_config, spec, validate  # noqa: E402
+from plumbing.entry import cli  # noqa: E402
+from plumbing.rundir import load_checkpoint  # noqa: E402
 
 MAX_ITERS = 16
 RUN = ["--n_layer=1", "--n_embd=64", "--n_head=4", "--num_codes=512", "--block_size=16", "--batch_size=8",

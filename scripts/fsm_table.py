@@ -25,11 +25,12 @@ from dataclasses import dataclass, fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configuration import ConfigError, is_out_dir, load_preset, parse_config, spec, split_list, validate  # noqa: E402
-from entry import cli  # noqa: E402
 from model import GPTConfig  # noqa: E402
-from progress import progress  # noqa: E402
-from rundir import claim, dir_problem, load_checkpoint, mark  # noqa: E402
+from plumbing.configuration import (ConfigError, is_out_dir, load_preset, parse_config, spec, split_list,  # noqa: E402
+                                    validate)
+from plumbing.entry import cli  # noqa: E402
+from plumbing.progress import progress  # noqa: E402
+from plumbing.rundir import claim, dir_problem, load_checkpoint, mark  # noqa: E402
 
 ROWS = {  # name: (label, arguments of `python train.py`); the laptop rows use config/laptop.py, quick is the default
     "nocb": ("no codebooks (laptop)", ["config/laptop.py", "--codebook_sites="]),

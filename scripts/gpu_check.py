@@ -117,7 +117,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     out = os.path.abspath(args.out)
     sys.path.insert(0, ROOT)
-    from configuration import load_preset
+    from plumbing.configuration import load_preset
 
     preset = load_preset(os.path.join(ROOT, "config", "fsm.py"))
     sizes = {**preset, **dict(a[2:].split("=") for a in TINY)} if args.tiny == "true" else preset

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # build from a config: no hub
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configuration import is_out_dir, parse_config, spec, validate  # noqa: E402
-from entry import cli  # noqa: E402
-from rundir import claim, mark  # noqa: E402
+from plumbing.configuration import is_out_dir, parse_config, spec, validate  # noqa: E402
+from plumbing.entry import cli  # noqa: E402
+from plumbing.rundir import claim, mark  # noqa: E402
 
 # hidden size, layers, heads of the two shapes this script writes
 SIZES = {"70m": (512, 6, 8), "tiny": (128, 2, 4)}

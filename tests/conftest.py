@@ -25,7 +25,7 @@ def write_bpe(path, text, vocab_size=384):
     Deterministic; at most vocab_size tokens. Returns path."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from tokens import EOT
+    from plumbing.tokens import EOT
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -55,7 +55,7 @@ def write_lm_dataset(directory, text, vocab_size=384):
 
     import numpy as np
 
-    from tokens import load_codec
+    from plumbing.tokens import load_codec
 
     os.makedirs(directory, exist_ok=True)
     codec = load_codec("neox", write_bpe(os.path.join(directory, "tokenizer.json"), text, vocab_size))

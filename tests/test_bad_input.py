@@ -26,7 +26,7 @@ import topics
 import train
 from data import prepare
 from model import GPT, GPTConfig
-from entry import cli
+from plumbing.entry import cli
 
 TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=16", "--batch_size=8", "--eval_seqs=16",
         "--eval_samples=8", "--codebook_sites=attn_heads,mlp", "--num_codes=32", "--device=cpu"]

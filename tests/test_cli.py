@@ -16,14 +16,14 @@ from conftest import ROOT
 
 import analyze
 import bench
-import configuration
-import entry
-import progress
 import sae
 import sample
 import steer
 import topics
 import train
+from plumbing import configuration
+from plumbing import entry
+from plumbing import progress
 from data import prepare
 from model import GPT, GPTConfig
 

@@ -19,9 +19,9 @@ import train
 from evaluate import evaluate_lm
 from model import GPT, GPTConfig
 from conftest import write_bpe, write_tiktoken
-from configuration import ConfigError
-from rundir import MARKER, kind_of, staged_dir
-from tokens import EOT, gpt2_tokenizer, load_codec, load_tokenizer, load_tokens, neox_tokenizer
+from plumbing.configuration import ConfigError
+from plumbing.rundir import MARKER, kind_of, staged_dir
+from plumbing.tokens import EOT, gpt2_tokenizer, load_codec, load_tokenizer, load_tokens, neox_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared", "data")

@@ -19,10 +19,10 @@ import sae
 import steer
 import topics
 import train
-from entry import cli
+from plumbing.entry import cli
 from data import prepare
-from files import atomic_write, remove_leftovers
-from rundir import MARKER, claim, kind_of, staged_dir
+from plumbing.files import atomic_write, remove_leftovers
+from plumbing.rundir import MARKER, claim, kind_of, staged_dir
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import fsm_table  # noqa: E402

@@ -23,21 +23,22 @@ from conftest import ROOT, once, write_lm_dataset
 
 import analyze
 import codebook
-import memory
 import sae
 import sample
 import steer
 import topics
 import train
-from entry import cli
 from model import GPT, GPTConfig
+from plumbing import memory
+from plumbing.entry import cli
 
 # One fresh process measures every configuration in turn (memory.peak after glibc has handed back what the previous
 # one freed), after a tiny warm-up run of each entry point: the first run of a process also pays the pages of
 # torch's kernels (~0.1 GB), which the estimate leaves out. Each run's estimate is the one its own check computed.
 MEASURE = r"""
 import json, sys
-import memory, sae, train
+import sae, train
+from plumbing import memory
 seen = []
 check = memory.check
 memory.check = lambda estimate, v, *a: seen.append(memory.need(estimate, v)[0]) or check(estimate, v, *a)

@@ -12,8 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never call the hub
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from configuration import ConfigError  # noqa: E402
 from model import GPT  # noqa: E402
+from plumbing.configuration import ConfigError  # noqa: E402
 from pythia import pythia_config  # noqa: E402
 
 

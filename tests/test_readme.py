@@ -24,7 +24,7 @@ import topics
 import train
 from data.prepare import DATASETS, PrepareConfig
 from model import GPTConfig
-from configuration import parse_args, split_config
+from plumbing.configuration import parse_args, split_config
 
 SHARED = os.path.join(ROOT, "..", "shared")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "HF_HUB_OFFLINE": "1"}

@@ -379,7 +379,7 @@ HANGING_SHUTDOWN = """
 import sys, time
 import torch.distributed as dist
 sys.path.insert(0, {root!r})
-from ddp import end_process_group
+from plumbing.ddp import end_process_group
 dist.init_process_group("gloo", init_method="file://" + {store!r}, rank=0, world_size=1)
 dist.destroy_process_group = lambda: time.sleep(120)  # the rare hang of a real shutdown
 print("work done", flush=True)

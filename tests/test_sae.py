@@ -14,7 +14,8 @@ from conftest import ROOT
 
 import analyze
 import sae
-from analyze import fsm_readouts, mlp_neurons, neuron_baseline
+from analyze import fsm_readouts
+from evaluate import mlp_neurons, neuron_baseline
 from fsm import TokFSM
 from model import GPT, GPTConfig
 

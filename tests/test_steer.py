@@ -14,7 +14,7 @@ import steer
 from fsm import TokFSM
 from model import GPT, GPTConfig
 from model import model_from_checkpoint
-from rundir import load_checkpoint
+from plumbing.rundir import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -16,10 +16,10 @@ import pytest
 import torch
 from conftest import ROOT, same_state
 
-import rundir
 import train
-from entry import cli
-from rundir import DirLock
+from plumbing import rundir
+from plumbing.entry import cli
+from plumbing.rundir import DirLock
 
 TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=16", "--batch_size=8", "--eval_seqs=16",
         "--eval_samples=8", "--codebook_sites=attn_heads,mlp", "--num_codes=32", "--device=cpu"]

@@ -13,6 +13,7 @@ import torch
 import train
 from codebook import CodebookLayer
 from conftest import once, write_tokens
+from plumbing import rundir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=2", "--n_embd=32", "--n_head=2", "--block_size=16", "--batch_size=8", "--eval_interval=4",
@@ -39,7 +40,7 @@ PRESETS = sorted(f for f in os.listdir(os.path.join(ROOT, "config")) if f.endswi
 def test_every_preset_shape_trains_through_the_switch_under_bf16(preset, tmp_path):
     """Each preset's shape (sites, k, LayerNorm or not, k-means, positions, residual), made tiny, under bf16
     autocast on the CPU (the GPU's default dtype), through the switch and its k-means."""
-    from configuration import load_preset
+    from plumbing.configuration import load_preset
 
     cfg = load_preset(os.path.join(ROOT, "config", preset))
     extra = []
@@ -147,7 +148,7 @@ def test_resume_with_a_new_learning_rate_keeps_the_codes_rate(tmp_path):
         train.train_step(run_, 4)
         lrs = sorted(g["lr"] for g in run_.optimizer.param_groups)
     finally:
-        train.close(run_)
+        rundir.close_run(run_)
     assert lrs == pytest.approx([1.5e-3, 1.5e-3, 1e-2])  # the weights at the new rate, the codes at codebook_lr
 
 

@@ -7,7 +7,12 @@ Run directories (plumbing for train.py and the tools that read or write a run):
 - `RunLog`: out_dir/log.jsonl, never ahead of the checkpoint it belongs to;
 - `staged_dir`: a tool's output directory, replaced as a whole when the tool completes;
 - checkpoints: `save_checkpoint`, `load_checkpoint` (a torn or foreign file is one ConfigError), `load_state`;
-- `EarlyStop`: the one line of a run that stops early (interrupted, a lost DDP peer, a full disk, a failure).
+- `EarlyStop`: the one line of a run that stops early (interrupted, a lost DDP peer, a full disk, a failure);
+  `close_run` ends a run.
+
+A training run's out_dir holds ckpt.pt (written atomically) and log.jsonl (one JSON object per log line and per
+evaluation). A run that replaces another (--overwrite=true) leaves it whole until its own first checkpoint. A run
+that stops early names the checkpoint kept and the command that resumes, and cuts log.jsonl back to it.
 """
 
 import contextlib
@@ -24,11 +29,12 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 
-from configuration import ConfigError, is_out_dir
-from ddp import lost_peer
-from entry import Interrupted, Stopped, hold_signals, uninterrupted
-from files import atomic_write, pid_alive, read_torch, remove_leftovers
+from plumbing.configuration import ConfigError, is_out_dir
+from plumbing.ddp import end_process_group, lost_peer
+from plumbing.entry import Interrupted, Stopped, hold_signals, uninterrupted
+from plumbing.files import atomic_write, pid_alive, read_torch, remove_leftovers
 
 # ---------------------------------------------------------------------------------------------- kinds
 MARKER = ".codebook-kind.json"  # {"kind", "argv", "cwd", "time", "format"}: what wrote the directory, and how
@@ -399,3 +405,15 @@ class EarlyStop:
             raise Stopped(f"{exc.strerror} ({exc.filename or 'a file'}) {at}; {kept}; {free}{self.resume()}") \
                 from None
         return False
+
+
+def close_run(run, failed=True):
+    """The end of train.py's run (a namespace with log, lock, ddp and stop): close the log (cut back to the last
+    checkpoint if the run failed), free out_dir, then leave the process group (ddp.end_process_group; without its
+    barrier when the ranks no longer meet)."""
+    if run.log is not None:
+        run.log.close(rewind=failed)
+    if run.lock is not None:
+        run.lock.release()
+    if run.ddp and dist.is_initialized():
+        end_process_group(failed=failed, barrier=not run.stop.abrupt)

@@ -1,6 +1,7 @@
 """
-torch.distributed plumbing for train.py: joining the process group, leaving it without hanging, one finite check
-over every rank, and naming a rank that was lost.
+torch.distributed plumbing for train.py and the codebook layer: joining the process group, leaving it without
+hanging, one finite check over every rank, naming a rank that was lost, and the collectives the codebook statistics
+use (rank 0 computes, every rank receives; rows gathered from every rank).
 """
 
 import os
@@ -15,8 +16,41 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configuration import device_of
-from files import pid_alive
+from plumbing.configuration import device_of
+from plumbing.files import pid_alive
+
+
+def distributed():
+    """Whether torch.distributed is initialised (a DDP run)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_rank0():
+    """Rank 0 of a DDP run, or the only process."""
+    return not distributed() or dist.get_rank() == 0
+
+
+def rank0_broadcast(t):
+    """Make every rank hold rank 0's values of t (a no-op without torch.distributed)."""
+    if distributed():
+        dist.broadcast(t, src=0)
+
+
+def gather_rows(a, max_tokens):
+    """a (N, ...) -> the rows of every rank, (world * n, ...), each rank sending n = min(N, max_tokens // world)
+    rows drawn at random (the same n on every rank). Without torch.distributed: a, or max_tokens rows of it."""
+    world = dist.get_world_size() if distributed() else 1
+    n = torch.tensor([min(a.shape[0], max(1, max_tokens // world))], device=a.device)
+    if world > 1:
+        dist.all_reduce(n, op=dist.ReduceOp.MIN)
+    n = int(n)
+    if n < a.shape[0]:
+        a = a[torch.randperm(a.shape[0], device=a.device)[:n]]
+    if world == 1:
+        return a
+    parts = [torch.empty_like(a) for _ in range(world)]
+    dist.all_gather(parts, a.contiguous())
+    return torch.cat(parts)
 
 
 def rank_device(name, ddp):

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 
-from configuration import ConfigError, HelpRequested, help_text
+from plumbing.configuration import ConfigError, HelpRequested, help_text
 
 
 class Stopped(RuntimeError):

@@ -14,7 +14,7 @@ import shutil
 
 import torch
 
-from configuration import ConfigError, read_text
+from plumbing.configuration import ConfigError, read_text
 
 
 def read_json(path, what, fix="write it again", kind=dict):

@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from entry import require
+from plumbing.entry import require
 
 
 def enabled():

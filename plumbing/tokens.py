@@ -11,9 +11,9 @@ from collections import namedtuple
 import numpy as np
 import torch
 
-from configuration import ConfigError
-from entry import require
-from files import read_json
+from plumbing.configuration import ConfigError
+from plumbing.entry import require
+from plumbing.files import read_json
 
 
 def load_tokens(data_dir, block_size, vocab_size):

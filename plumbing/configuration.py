@@ -129,6 +129,12 @@ def is_digits(text):
     return text.isascii() and text.isdigit()
 
 
+def is_index_list(text):
+    """A field check (spec's `check`): a comma-separated list of indices, e.g. "0,1" ("" is the empty list)."""
+    ok = all(is_digits(i) for i in split_list(text))
+    return None if ok else "is not a comma-separated list of layer indices: e.g. --codebook_layers=0,1"
+
+
 def build(cls, values, what=None):
     """cls(**values) with unknown keys and bad values as ConfigError."""
     names = {f.name for f in dataclasses.fields(cls)}

@@ -32,7 +32,7 @@ import dataclasses
 import math
 import os
 
-from configuration import ConfigError, device_of, split_list
+from plumbing.configuration import ConfigError, device_of, split_list
 
 F32, I64 = 4, 8
 KMEANS_MAX_TOKENS = 65_536  # codebook.py's bound on the rows of k-means (tests/test_memory.py checks they agree)

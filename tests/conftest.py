@@ -14,6 +14,11 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a few seconds (trainings, subprocesses, the notebook, "
+                            "DDP, the browser); `pytest -m \"not slow\"` is the fast tier")
+
+
 @pytest.fixture(autouse=True)
 def seed():
     torch.manual_seed(0)

@@ -175,6 +175,7 @@ def test_browser_html_is_produced_and_holds_the_codes(tmp_path):
     assert "http" not in text  # self-contained: nothing to fetch
 
 
+@pytest.mark.slow
 def test_cli_fsm_writes_everything(tmp_path):
     model = tiny()
     save_ckpt(model, tmp_path / "run", num_states=20, num_edges=3)

@@ -574,6 +574,7 @@ def test_scripts_print_one_line(script, args, needle):
     assert lines[0].startswith("error: ") and needle in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_torchrun_batch_not_divisible_across_ranks(world, tmp_path):
     """Under torchrun every rank fails alike; the first says why, in its own stderr, and nothing changes."""
     w = str(tmp_path / "w")

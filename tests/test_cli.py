@@ -61,6 +61,7 @@ def options(text):
     return {m.group(1): line for line in text.splitlines() if (m := re.match(r"^\s+--(\w+)=", line))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", list(ENTRY))
 def test_help_lists_every_option_and_exits_0(script, capsys):
     module, classes = ENTRY[script]
@@ -170,6 +171,7 @@ def test_sampling_bar_counts_the_new_tokens_and_changes_nothing(monkeypatch, cap
     assert torch.equal(out["0"], out["1"]) and not model._forward_hooks
 
 
+@pytest.mark.slow
 def test_a_bar_on_stderr_leaves_stdout_and_results_identical(tmp_path, capsys):
     run = tmp_path / "run"
     train.main([*TINY, "--max_iters=4", "--log_interval=2", "--eval_interval=4", "--codebook_start=1",

@@ -221,6 +221,7 @@ def test_prepare_wikitext_splits_at_article_boundaries(wt):
     assert "".join(merged) == valid
 
 
+@pytest.mark.slow
 def test_prepare_errors_are_one_line(tmp_path):
     text, tok = tmp_path / "val.txt", write_tiktoken(tmp_path / "bytes.tiktoken")  # both are read after the error
     text.write_text("Once upon a time, a dog ran.\n")
@@ -254,6 +255,7 @@ def evals(out):
     return [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines() if "eval" in l]
 
 
+@pytest.mark.slow
 def test_lm_training_logs_eval_metrics_and_samples(wt, tmp_path):
     data, _, _ = wt
     out = tmp_path / "run"
@@ -293,6 +295,7 @@ def test_lm_eval_windows_are_fixed(wt):
     assert not any(cb.bypass for _, cb in model.codebooks()) and model.training
 
 
+@pytest.mark.slow
 def test_lm_resume_equals_straight_run(wt, tmp_path):
     data, _, _ = wt
     args = [*TINY, f"--dataset={data}", "--kmeans_init=true", "--replace_after=2"]
@@ -314,6 +317,7 @@ def write_tokens(d, ids, vocab_size=512):
     return d
 
 
+@pytest.mark.slow
 def test_lm_data_errors_are_one_line(wt, tmp_path):
     data, _, _ = wt
     go = lambda *a: run("train.py", [*TINY, "--max_iters=1", f"--out_dir={tmp_path / 'run'}", *a])  # noqa: E731
@@ -344,6 +348,7 @@ def test_get_batch_windows_and_ranks(tmp_path):
     assert not set(x0[:, 0].tolist()) & set(x1[:, 0].tolist())  # ranks read different windows
 
 
+@pytest.mark.slow
 def test_lm_ddp_two_ranks(wt, tmp_path):
     data, _, _ = wt
     out = tmp_path / "run"
@@ -366,6 +371,7 @@ def tiny_neox_dir(path):
     return hf
 
 
+@pytest.mark.slow
 def test_init_from_pythia_dir_trains_with_codebooks(wt, tmp_path):
     data, _, _ = wt
     hf = tiny_neox_dir(tmp_path / "pythia")

@@ -34,6 +34,7 @@ def checked(tmp_path_factory):
     return out, r.stdout
 
 
+@pytest.mark.slow
 def test_cpu_path_reports_every_run(checked):
     out, stdout = checked
     table = open(out / "table.md", encoding="utf-8").read()

@@ -41,6 +41,7 @@ def tracked_files():
         return files
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get(CHILD) == "1", reason="this run is the hermetic copy's own")
 def test_slice_passes_without_shared(tmp_path):
     repo = tmp_path / "repo"

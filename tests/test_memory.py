@@ -60,6 +60,7 @@ CONFIGS = [  # (name, entry point, arguments): each dominated by one term of the
 ]
 
 
+@pytest.mark.slow
 def test_estimate_is_within_a_factor_of_two_of_the_measured_peak(tmp_path):
     nocb = str(tmp_path / "nocb")
     runs = [("warm-up", "train", [*TINY, f"--out_dir={tmp_path / 'warm'}"]),

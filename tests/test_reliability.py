@@ -84,6 +84,7 @@ def straight(fx, tmp_path_factory):
     return outs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path,stop", [("fsm", 2), ("fsm", 3), ("lm", 3)])
 def test_resume_is_bitwise_exact(path, stop, fx, straight, tmp_path):
     """Stop at `stop`, resume to 6: the weights, the codebook buffers (counts, recent), the AdamW state and the RNG
@@ -110,6 +111,7 @@ def test_resume_is_bitwise_exact(path, stop, fx, straight, tmp_path):
     assert iters == sorted(iters)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["fsm", "lm"])
 def test_resume_continues_the_data_stream(path, fx, tmp_path, monkeypatch):
     """The micro-batches a resumed run trains on are those the straight run trained on after the stop point
@@ -138,6 +140,7 @@ def test_resume_continues_the_data_stream(path, fx, tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- crash safety
+@pytest.mark.slow
 def test_fault_trials_kill_and_resume():
     """Two SIGKILL trials (one aimed at a checkpoint write, one at a random moment) through the script."""
     r = subprocess.run([sys.executable, "scripts/fault_trials.py", "--trials=2", "--seed=1"], cwd=ROOT, env=env(),
@@ -147,6 +150,7 @@ def test_fault_trials_kill_and_resume():
 
 
 # ---------------------------------------------------------------------------------------------- numerical faults
+@pytest.mark.slow
 @pytest.mark.parametrize("log_interval,eval_interval", [(1, 100), (100, 2)])
 def test_diverging_run_stops_and_keeps_the_last_finite_checkpoint(log_interval, eval_interval, fx, tmp_path):
     """A real fault: learning_rate=1e6 drives the loss to inf/NaN within a few steps. The run stops with one line
@@ -243,6 +247,7 @@ def test_zero_codes_score_zero_not_nan():
 
 
 # ---------------------------------------------------------------------------------------------- DDP
+@pytest.mark.slow
 def test_ddp_ranks_agree_after_every_step(tmp_path):
     """2 gloo ranks, k-means at the switch (iteration 2) and dead-code replacement every 2 steps: after every
     optimizer step each rank's weights, codes, usage counts and AdamW state hash the same, and every logged loss
@@ -272,6 +277,7 @@ def test_ddp_ranks_agree_after_every_step(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- one owner, nothing lost
+@pytest.mark.slow
 def test_a_second_run_cannot_share_a_busy_out_dir(tmp_path):
     """While one train.py runs in out_dir, a second one (scratch or resume) stops at once with one line naming the
     owner's PID and writes nothing. Once the owner is killed, its lock is stale: the next run names it and takes
@@ -302,6 +308,7 @@ def test_a_second_run_cannot_share_a_busy_out_dir(tmp_path):
     assert not (out / ".lock").exists() and load(out / "ckpt.pt")["iter_num"] == n + 2
 
 
+@pytest.mark.slow
 def test_a_stale_lock_is_named_and_taken_over(tmp_path, fx):
     """A lock file left by a killed run (no process holds it) does not block the next run; the note names it."""
     out = tmp_path / "run"
@@ -313,6 +320,7 @@ def test_a_stale_lock_is_named_and_taken_over(tmp_path, fx):
     assert not (out / ".lock").exists() and load(out / "ckpt.pt")["iter_num"] == 3
 
 
+@pytest.mark.slow
 def test_resume_writes_where_it_reads(tmp_path, fx):
     """A copy of a run resumed in its new place trains there: the original stays byte-identical (the checkpoint
     still names the original out_dir), and the copy's checkpoint names the copy."""

@@ -128,6 +128,7 @@ def trained(tmp_path_factory):
     return model, fsm, saes, cfg, (x, y, plain)
 
 
+@pytest.mark.slow
 def test_training_sets_the_variance_and_keeps_unit_decoder_rows(trained):
     model, fsm, saes, cfg, _ = trained
     x, _ = fsm.batch(cfg.batch_size, 16, torch.Generator().manual_seed(cfg.seed))  # train_saes' first batch
@@ -214,6 +215,7 @@ def test_patched_latents_are_decoded(trained):
         s.bypass = True
 
 
+@pytest.mark.slow
 def test_cli_on_a_run_without_codebooks(tmp_path):
     out = tmp_path / "nocb"
     args = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=16", "--batch_size=16", "--eval_seqs=16",

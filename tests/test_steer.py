@@ -113,6 +113,7 @@ def test_ablated_code_never_appears_next_best_or_zero():
     assert not (zero == c).any() and torch.equal(zero[..., 0] == -1, hit)
 
 
+@pytest.mark.slow
 def test_ablation_reports_deltas(fsm_run):
     out, model, fsm = fsm_run
     x, y = fsm.eval_set(64, 16)

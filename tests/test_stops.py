@@ -47,6 +47,7 @@ def wait_for(path, proc, timeout=180):
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_training_then_an_exact_resume(tmp_path):
     """SIGINT to a real `python train.py` mid-run: one line naming the iteration reached, the checkpoint kept and
     the resume command, status 130, no traceback, the lock freed, log.jsonl ending at that checkpoint. The resume
@@ -142,6 +143,7 @@ def children(pid):
     return ranks
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the ranks through /proc")
 def test_a_killed_ddp_rank_is_named_by_the_survivor(tmp_path):
     """torchrun, 2 gloo ranks; rank 1 is killed (SIGKILL) after the first checkpoint. Rank 0 says in one line

@@ -39,6 +39,7 @@ def assert_state_equal(a, b):
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_checkpoint_and_log(tmp_path):
     out = tmp_path / "run"
     r = run([*TINY, "--max_iters=6", f"--out_dir={out}"])
@@ -63,6 +64,7 @@ def test_tiny_run_writes_checkpoint_and_log(tmp_path):
     assert not list(out.glob("*.tmp.*"))  # the atomic write left nothing behind
 
 
+@pytest.mark.slow
 def test_codebook_start_bypasses_then_switches_codebooks_on(tmp_path):
     out = tmp_path / "run"
     r = run([*TINY, "--max_iters=6", "--codebook_start=4", "--kmeans_init=true", f"--out_dir={out}"])
@@ -79,6 +81,7 @@ def test_codebook_start_bypasses_then_switches_codebooks_on(tmp_path):
     assert recon[3] == 0.0 and recon[6] > 0  # no reconstruction loss while bypassed
 
 
+@pytest.mark.slow
 def test_resume_equals_straight_run(tmp_path):
     extra = ["--kmeans_init=true", "--replace_after=2"]  # RNG use on both sides of the resume point
     straight, split = tmp_path / "straight", tmp_path / "split"
@@ -96,6 +99,7 @@ def test_resume_equals_straight_run(tmp_path):
     assert [r["iter"] for r in evals if "eval" in r] == [3, 6]  # the log was appended, not replaced
 
 
+@pytest.mark.slow
 def test_resume_rejects_model_change(tmp_path):
     out = tmp_path / "run"
     assert run([*TINY, "--max_iters=3", f"--out_dir={out}"]).returncode == 0
@@ -126,6 +130,7 @@ def test_config_errors_are_one_line(tmp_path, bad):
     assert not (tmp_path / "run" / "ckpt.pt").exists()
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_existing_run(tmp_path):
     out = tmp_path / "run"
     assert run([*TINY, "--max_iters=3", f"--out_dir={out}"]).returncode == 0
@@ -140,6 +145,7 @@ def test_refuses_to_overwrite_existing_run(tmp_path):
     assert (out / "ckpt.pt").read_bytes() != before
 
 
+@pytest.mark.slow
 def test_ddp_ranks_keep_identical_codebooks(tmp_path):
     args = [*TINY, "--max_iters=4", "--kmeans_init=true", "--replace_after=2", f"--out_dir={tmp_path / 'run'}"]
     r = torchrun("tests/ddp_worker.py", [str(tmp_path), *args])
@@ -154,6 +160,7 @@ def test_ddp_ranks_keep_identical_codebooks(tmp_path):
     assert_state_equal(ckpt["model"], s0)
 
 
+@pytest.mark.slow
 def test_torchrun_train_py(tmp_path):
     out = tmp_path / "run"
     r = torchrun("train.py", [*TINY, "--max_iters=4", "--kmeans_init=true", "--replace_after=2", f"--out_dir={out}"])

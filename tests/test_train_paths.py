@@ -36,6 +36,7 @@ def load(path):
 PRESETS = sorted(f for f in os.listdir(os.path.join(ROOT, "config")) if f.endswith(".py"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_shape_trains_through_the_switch_under_bf16(preset, tmp_path):
     """Each preset's shape (sites, k, LayerNorm or not, k-means, positions, residual), made tiny, under bf16
@@ -62,6 +63,7 @@ def test_every_preset_shape_trains_through_the_switch_under_bf16(preset, tmp_pat
             assert (v.sum(-1) == 2 * 8 * 16 * k).all(), key
 
 
+@pytest.mark.slow
 def test_seeds_at_the_extremes_and_many_micro_steps_draw_distinct_batches(tmp_path):
     data = np.arange(10_000, dtype=np.uint16)
     for seed in (0, 2_147_483_647):
@@ -123,6 +125,7 @@ def test_switch_kmeans_reads_every_micro_step(tmp_path, monkeypatch):
     assert seen == [8 * 16]  # all 4 micro-batches of 2 sequences x 16 tokens, not the first one only
 
 
+@pytest.mark.slow
 def test_kmeans_gathers_every_rank(tmp_path):
     """Two gloo ranks, each with its own activations: rank 0's codes are k-means of both ranks' rows, equal to
     one process's k-means of the concatenation."""
@@ -139,6 +142,7 @@ def test_kmeans_gathers_every_rank(tmp_path):
         assert torch.equal(torch.load(tmp_path / f"codes{i}.pt"), ref.codes.data)
 
 
+@pytest.mark.slow
 def test_resume_with_a_new_learning_rate_keeps_the_codes_rate(tmp_path):
     out = tmp_path / "run"
     args = [*TINY, "--learning_rate=3e-3", "--codebook_lr=1e-2", "--lr_schedule=constant", "--warmup_iters=0"]
@@ -152,6 +156,7 @@ def test_resume_with_a_new_learning_rate_keeps_the_codes_rate(tmp_path):
     assert lrs == pytest.approx([1.5e-3, 1.5e-3, 1e-2])  # the weights at the new rate, the codes at codebook_lr
 
 
+@pytest.mark.slow
 def test_resume_at_the_switch_may_still_move_it(tmp_path):
     out = tmp_path / "run"
     assert run([*TINY, "--codebook_start=4", "--max_iters=4", f"--out_dir={out}"]).returncode == 0
@@ -161,6 +166,7 @@ def test_resume_at_the_switch_may_still_move_it(tmp_path):
     assert r.returncode == 1 and "has its codebooks on already" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_two_rank_resume_with_dropout_is_exact(tmp_path):
     """Dropout draws from seeds of (seed, rank, iteration, micro-step): every rank resumes its own masks."""
     torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")

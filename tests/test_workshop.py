@@ -303,6 +303,7 @@ def test_committed_notebook_is_clean_and_every_exercise_is_complete():
         assert link in refs, link
 
 
+@pytest.mark.slow
 def test_train_live_runs_at_once_and_names_a_failure(tmp_path, monkeypatch):
     pytest.importorskip("IPython")
     import matplotlib
@@ -424,6 +425,7 @@ def test_language_model_section_finds_text_or_says_what_to_run(tmp_path, monkeyp
         assert os.path.isfile(said)
 
 
+@pytest.mark.slow
 def test_notebook_runs_end_to_end_with_the_answers(tmp_path):
     """The whole workshop, training included, in a copy of the repository (its runs stay out of the checkout). A cell
     may take 1,500 s: the training cell took 271 s on this project's 2 cores, so this leaves room for a machine 5x

@@ -1,4 +1,4 @@
-"""workshop.ipynb: each exercise's check passes the answer in workshop_solutions.py and fails, saying why, on a
+"""workshop/workshop.ipynb: each exercise's check passes the answer in workshop/solutions.py and fails, saying why, on a
 missing answer and on typical wrong ones; the notebook runs end to end with the answers filled in (nbclient), its
 committed copy holds no outputs, and every exercise has its tags, two hints, its stuck line, its answer cell and its
 check cell."""
@@ -18,11 +18,11 @@ from conftest import ROOT
 
 import steer
 import workshop
-import workshop_solutions as sol
+import workshop.solutions as sol
 from fsm import TokFSM
 from model import GPT, GPTConfig
 
-NOTEBOOK = os.path.join(ROOT, "workshop.ipynb")
+NOTEBOOK = os.path.join(ROOT, "workshop", "workshop.ipynb")
 
 
 def missing(*args):
@@ -288,12 +288,12 @@ def test_committed_notebook_is_clean_and_every_exercise_is_complete():
     assert len(exercises) >= 6
     for i in exercises:
         assert "raise NotImplementedError" in src[i]
-        assert "if SOLUTIONS:" in src[i] and "from workshop_solutions import" in src[i]
+        assert "if SOLUTIONS:" in src[i] and "from workshop.solutions import" in src[i]
         assert src[i + 1].startswith("workshop.check_") or "workshop.check_" in src[i + 1]
         text = src[i - 1]  # the exercise's statement, just above
         assert re.search(r"Difficulty.*Importance.*minutes", text, re.S), text[:80]
         assert text.count("<details>") == 2 and text.count("</details>") == 2, "two collapsed hints"
-        assert "from workshop_solutions import" in text, "the stuck? line"
+        assert "from workshop.solutions import" in text, "the stuck? line"
     sections = [s for c, s in zip(cells, src) if c["cell_type"] == "markdown" and s.startswith("## ")]
     assert len(sections) >= 8 and all("**Learning objectives**" in t for t in sections[:-1])
     assert sum("**Predict, then run.**" in s for s in src) >= 4
@@ -324,7 +324,7 @@ def test_train_live_runs_at_once_and_names_a_failure(tmp_path, monkeypatch):
 def colab_setup(url=None):
     """The first cell's set-up lines (up to the imports of the repository), REPO_URL set to `url` when given."""
     src = "".join(json.load(open(NOTEBOOK))["cells"][1]["source"])
-    end = "sys.path.insert(0, os.getcwd())\n"
+    end = "sys.path.insert(0, ROOT)\n"
     src = src[: src.index(end) + len(end)]
     return src if url is None else src.replace('"https://github.com/YOUR-ORG/codebook-features"', repr(url))
 
@@ -339,8 +339,9 @@ def colab(tmp_path, monkeypatch):
         calls.append(list(cmd))
         if cmd[:2] == ["git", "clone"]:
             os.makedirs(cmd[-1])
-            for f in ("requirements.txt", "workshop.py"):
-                shutil.copy(os.path.join(ROOT, f), cmd[-1])
+            for f in ("requirements.txt", "codebook.py", "workshop/__init__.py"):
+                os.makedirs(os.path.dirname(os.path.join(cmd[-1], f)), exist_ok=True)
+                shutil.copy(os.path.join(ROOT, f), os.path.join(cmd[-1], f))
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
@@ -377,10 +378,20 @@ def test_colab_cell_asks_for_the_repository_url(colab, tmp_path):
     assert colab == [] and os.listdir(tmp_path / "content") == []
 
 
-def test_outside_colab_the_cell_only_finds_the_repository(colab, monkeypatch):
+def test_outside_colab_the_cell_finds_the_repository_from_workshop(colab, monkeypatch, tmp_path):
+    """Jupyter started in the repository or in its workshop/ folder: the cell makes the repository root the working
+    directory and sys.path[0]; started elsewhere, it says where to start in one line."""
     monkeypatch.delitem(sys.modules, "google.colab")
-    exec(colab_setup(), {})
-    assert colab == []
+    repo = tmp_path / "content" / "repo"
+    (repo / "workshop").mkdir(parents=True)
+    (repo / "codebook.py").write_text("")
+    for start in (repo / "workshop", repo):
+        os.chdir(start)
+        exec(colab_setup(), {})
+        assert colab == [] and os.getcwd() == str(repo) and sys.path[0] == str(repo)
+    os.chdir(tmp_path / "content")
+    with pytest.raises(SystemExit, match="error: start Jupyter in the repository or in its workshop/ folder"):
+        exec(colab_setup(), {})
 
 
 @pytest.mark.parametrize("has", ["download", "shared", "network", "nothing", "network, HF_HUB_OFFLINE=1"])
@@ -442,11 +453,11 @@ def test_notebook_runs_end_to_end_with_the_answers(tmp_path):
     shared = os.path.join(ROOT, "..", "shared")
     if os.path.isdir(shared):  # Section 7 reads its text there, as in a checkout with ../shared beside it
         os.symlink(os.path.abspath(shared), tmp_path / "shared")
-    nb = nbformat.read(repo / "workshop.ipynb", as_version=4)
+    nb = nbformat.read(repo / "workshop" / "workshop.ipynb", as_version=4)
     old = {k: os.environ.get(k) for k in ("WORKSHOP_SOLUTIONS", "HF_HUB_OFFLINE")}
     os.environ.update(WORKSHOP_SOLUTIONS="1", HF_HUB_OFFLINE="1")  # the kernel's: the answers, and never the hub
     try:
-        nbclient.NotebookClient(nb, timeout=1500, kernel_name="python3", resources={"metadata": {"path": str(repo)}}
+        nbclient.NotebookClient(nb, timeout=1500, kernel_name="python3", resources={"metadata": {"path": str(repo / "workshop")}}
                                 ).execute()
     finally:
         for k, v in old.items():

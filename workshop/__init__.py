@@ -1,7 +1,7 @@
 """
-Checks and helpers for workshop.ipynb. Each `check_*` runs a learner's answer against this repository's own code
+Checks and helpers for workshop/workshop.ipynb. Each `check_*` runs a learner's answer against this repository's own code
 on known inputs and raises an AssertionError that names the likely mistake; the answers are in
-workshop_solutions.py. The helpers train with a live plot (`train_live`), run the learner's state swap over every
+workshop/solutions.py. The helpers train with a live plot (`train_live`), run the learner's state swap over every
 codebook (`swap_table`), read out a dictionary of features (`dictionary_row`) and draw the figures.
 """
 
@@ -25,7 +25,7 @@ from evaluate import mlp_neurons, neuron_baseline
 from evaluate import Recorder, bypassed, evaluate_fsm, mean_ce
 from steer import jsd
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: train.py, the runs
 
 
 def _missing(fn, *args):
@@ -405,8 +405,8 @@ def train_live(runs, switch=None, floor=None, every=2.0):
     for label, args in runs.items():
         out = next(a.split("=", 1)[1] for a in args if a.startswith("--out_dir="))
         err = tempfile.TemporaryFile("w+")  # stderr in a file: a pipe that nobody reads could fill and block
-        procs[label] = (subprocess.Popen([sys.executable, "train.py", *args], cwd=HERE, env=env,
-                                         stdout=subprocess.DEVNULL, stderr=err), os.path.join(HERE, out), err)
+        procs[label] = (subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env,
+                                         stdout=subprocess.DEVNULL, stderr=err), os.path.join(ROOT, out), err)
     while True:
         done = all(p.poll() is not None for p, _, _ in procs.values())
         for label, (_, out, _) in procs.items():
@@ -475,7 +475,7 @@ def read_log(path):
 TINYSTORIES_SHARED = os.path.join("..", "shared", "data", "tinystories", "tinystories_train_head.txt")
 
 
-def tinystories_text(root=HERE, timeout=3.0):
+def tinystories_text(root=ROOT, timeout=3.0):
     """The TinyStories text for Section 7: (text, where it came from), or (None, the one line saying what to run).
     Looks for TinyStories' validation file in root/data/tinystories-raw (a download of an earlier run), then for the
     offline copy beside the repository (../shared/data/tinystories), then downloads the validation file (19 MB)

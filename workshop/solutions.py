@@ -1,5 +1,5 @@
 """
-Answers to the exercises of workshop.ipynb (the notebook imports them when run with WORKSHOP_SOLUTIONS=1, as CI
+Answers to the exercises of workshop/workshop.ipynb (the notebook imports them when run with WORKSHOP_SOLUTIONS=1, as CI
 does, and a learner who is stuck can import one to go on). Try the exercises first: each has a check that says what
 is wrong.
 """

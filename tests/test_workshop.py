@@ -3,6 +3,8 @@ missing answer and on typical wrong ones; the notebook runs end to end with the 
 committed copy holds no outputs, and every exercise has its tags, two hints, its stuck line, its answer cell and its
 check cell."""
 
+import ast
+import inspect
 import json
 import os
 import re
@@ -389,14 +391,23 @@ def test_committed_notebook_is_clean_and_every_exercise_is_complete():
     src = ["".join(c["source"]) for c in cells]
     exercises = [i for i, s in enumerate(src) if "# YOUR CODE HERE" in s and cells[i]["cell_type"] == "code"]
     assert len(exercises) >= 6
+    assert len(exercises) >= 7
     for i in exercises:
         assert "raise NotImplementedError" in src[i]
         assert "if SOLUTIONS:" in src[i] and "from workshop.solutions import" in src[i]
+        assert src[i].startswith("@workshop.exercise"), "an import above the def must still stand in for the stub"
         assert src[i + 1].startswith("workshop.check_") or "workshop.check_" in src[i + 1]
         text = src[i - 1]  # the exercise's statement, just above
         assert re.search(r"Difficulty.*Importance.*minutes", text, re.S), text[:80]
-        assert text.count("<details>") == 2 and text.count("</details>") == 2, "two collapsed hints"
-        assert "from workshop.solutions import" in text, "the stuck? line"
+        assert text.count("<details>") == 3 and text.count("</details>") == 3, "two collapsed hints and a solution"
+        assert "<summary>Hint 1</summary>" in text and "<summary>Hint 2</summary>" in text
+        name = re.search(r"def (\w+)\(", src[i]).group(1)
+        assert f"from workshop.solutions import {name}" in text, "the stuck? line"
+        shown = text.split("<summary>Solution</summary>")[1].split("```python\n")[1].split("\n```")[0]
+        answer = inspect.getsource(getattr(sol, name))
+        doc = ast.parse(answer).body[0].body[0]
+        lines = answer.splitlines()
+        assert shown == "\n".join(lines[: doc.lineno - 1] + lines[doc.end_lineno:]), f"{name}: solution shown differs"
     sections = [s for c, s in zip(cells, src) if c["cell_type"] == "markdown" and s.startswith("## ")]
     assert len(sections) >= 8 and all("**Learning objectives**" in t for t in sections[:-1])
     assert sum("**Predict, then run.**" in s for s in src) >= 4
@@ -406,6 +417,7 @@ def test_committed_notebook_is_clean_and_every_exercise_is_complete():
         assert link in refs, link
 
 
+@pytest.mark.slow
 def test_train_live_runs_at_once_and_names_a_failure(tmp_path, monkeypatch):
     pytest.importorskip("IPython")
     import matplotlib
@@ -538,6 +550,7 @@ def test_language_model_section_finds_text_or_says_what_to_run(tmp_path, monkeyp
         assert os.path.isfile(said)
 
 
+@pytest.mark.slow
 def test_notebook_runs_end_to_end_with_the_answers(tmp_path):
     """The whole workshop, training included, in a copy of the repository (its runs stay out of the checkout). A cell
     may take 1,500 s: the training cell took 271 s on this project's 2 cores, so this leaves room for a machine 5x
@@ -570,7 +583,7 @@ def test_notebook_runs_end_to_end_with_the_answers(tmp_path):
                 os.environ[k] = v
     text = "\n".join(o.get("text", "") + o.get("data", {}).get("text/plain", "")
                      for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert text.count("correct:") == 6, text
+    assert text.count("correct:") == 8, text
     for said in ("entropy floor", "states owning a code of h.0.mlp", "with your layer", "h.0.attn_heads", "forced",
                  "TopK SAE", "single neurons", "TinyStories"):
         assert said in text, said

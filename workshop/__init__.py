@@ -703,7 +703,7 @@ def train_live(runs, switch=None, floor=None, every=2.0, then=None):
     cross-entropy (the step `switch` where the codes go on and the entropy `floor` marked), the FVU of the codebooks
     and the valid transitions at each evaluation. then: {label: (run label, [script, arguments])}, scripts started
     with that run's threads as soon as it has finished (sae.py on the run without codebooks). Returns {label: log
-    records}; raises RuntimeError with the end of the script's stderr if one fails, ValueError (one line) for runs
+    records} (for a `then` script, the lines it printed); raises RuntimeError with the end of the script's stderr if one fails, ValueError (one line) for runs
     without --out_dir."""
     import matplotlib.pyplot as plt
     from IPython.display import clear_output, display
@@ -719,12 +719,13 @@ def train_live(runs, switch=None, floor=None, every=2.0, then=None):
         if after not in runs:
             raise ValueError(f"{label}: waits for {after!r}, which is not among the runs ({', '.join(runs)})")
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // len(runs)))}
-    procs, logs, waiting = {}, {label: [] for label in runs}, dict(then)
+    procs, outs, logs, waiting = {}, {}, {label: [] for label in runs}, dict(then)
 
     def start(label, cmd):
         err = tempfile.TemporaryFile("w+")  # stderr in a file: a pipe that nobody reads could fill and block
-        procs[label] = (subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                                         stderr=err), err)
+        out = tempfile.TemporaryFile("w+") if label in then else subprocess.DEVNULL  # a script's printed lines
+        outs[label] = out
+        procs[label] = (subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=env, stdout=out, stderr=err), err)
 
     for label, args in runs.items():
         start(label, ["train.py", *PINNED, *args])
@@ -748,6 +749,11 @@ def train_live(runs, switch=None, floor=None, every=2.0, then=None):
                 p.poll() is not None for p, _ in procs.values()):
             break
         time.sleep(every)
+    for label in then:
+        if label in outs:
+            outs[label].seek(0)
+            logs[label] = outs[label].read().splitlines()
+            outs[label].close()
     for label, (p, err) in procs.items():
         err.seek(0)
         said = err.read()

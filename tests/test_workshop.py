@@ -427,9 +427,15 @@ def test_train_live_runs_at_once_and_names_a_failure(tmp_path, monkeypatch):
     monkeypatch.setattr("IPython.display.display", lambda fig: shown.append(fig))
     tiny = ["--n_embd=16", "--n_head=2", "--num_codes=8", "--batch_size=8", "--max_iters=12", "--codebook_start=4",
             "--eval_interval=6", "--eval_seqs=8", "--eval_samples=8", "--log_interval=2"]
+    after_b = ["-c", f"import os; print('step 1: b done' if os.path.isfile({str(tmp_path / 'b' / 'ckpt.pt')!r}) else 'early')"]
     logs = workshop.train_live({"a": [*tiny, f"--out_dir={tmp_path / 'a'}"],
-                                "b": [*tiny, "--codebook_sites=", f"--out_dir={tmp_path / 'b'}"]}, switch=4, every=0.2)
+                                "b": [*tiny, "--codebook_sites=", f"--out_dir={tmp_path / 'b'}"]}, switch=4, every=0.2,
+                               then={"after b": ("b", after_b)})
+    assert logs["after b"] == ["step 1: b done"]  # started once b had finished; its printed lines come back
     assert [r["iter"] for r in logs["a"] if "eval" in r] == [6, 12] == [r["iter"] for r in logs["b"] if "eval" in r]
+    with pytest.raises(RuntimeError, match="after a: -c failed: .*error: no SAE"):
+        workshop.train_live({"a": [*tiny, f"--out_dir={tmp_path / 'd'}"]}, every=0.2,
+                            then={"after a": ("a", ["-c", "raise SystemExit('error: no SAE')"])})
     assert logs["a"][-1]["eval"]["fvu"] >= 0 and len(shown) >= 1
     with pytest.raises(RuntimeError, match=r"b: train.py failed: .*error: .*max_iterz"):
         workshop.train_live({"a": [*tiny, f"--out_dir={tmp_path / 'c'}"], "b": ["--max_iterz=3", "--out_dir=x"]},

@@ -270,6 +270,9 @@ def test_helpers_name_odd_arguments(tiny, tmp_path):
                  lambda: workshop.check_swap(sol.swap, plain, fsm), lambda: workshop.swap_table(sol.swap, plain, fsm, sol.jsd)):
         with pytest.raises(ValueError, match="this model has no codebooks .*pass `model`"):
             call()
+    x, y = fsm.eval_set(4, plain.config.block_size)
+    with pytest.raises(ValueError, match="this model has no dictionary: splice SAEs"):
+        workshop.dictionary_row(plain, fsm, x, y)
     with pytest.raises(ValueError, match=re.escape("no codebook 'h.7.mlp' in this model")):
         workshop.check_your_layer(sol.layer_forward, model, fsm, "h.7.mlp")
     for call in (lambda: workshop.check_swap(sol.swap, model, fsm, pairs=0),
@@ -558,9 +561,9 @@ def test_language_model_section_finds_text_or_says_what_to_run(tmp_path, monkeyp
 
 @pytest.mark.slow
 def test_notebook_runs_end_to_end_with_the_answers(tmp_path):
-    """The whole workshop, training included, in a copy of the repository (its runs stay out of the checkout). A cell
-    may take 1,500 s: the training cell took 271 s on this project's 2 cores, so this leaves room for a machine 5x
-    slower."""
+    """The whole workshop, training included, in a copy of the repository (its runs stay out of the checkout), with
+    Jupyter started in workshop/. A cell may take 1,500 s: the training cell (two models at once, then the SAE) took
+    943 s on this project's 2 cores while other work loaded them (load average 10 to 13)."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     repo = tmp_path / "repo"

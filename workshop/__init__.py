@@ -665,6 +665,9 @@ def dictionary_row(model, fsm, x, y):
     eval sequences x, y (n, T): {"owning": states owning a feature of an MLP site (precision and recall >= 0.9),
     "of": states seen, "precision", "recall": means over the states of each state's best feature by F1, "fvu": {site:
     FVU} of the MLP sites, "loss": eval loss with the dictionary in place, "summary": fsm_analysis's summary}."""
+    if not model.codebooks():
+        raise ValueError("this model has no dictionary: splice SAEs into the run without codebooks (load_saes) or "
+                         "pass the codebook model")
     batches = list(zip(x.split(256), y.split(256)))
     with Recorder(model) as rec:
         loss, _ = mean_ce(model, batches)

@@ -688,3 +688,28 @@ def test_sae_check_on_trained_saes_and_loading_them(tmp_path):
     raises(lambda fn: workshop.check_sae(fn, loaded, fsm, fresh), off, "wrong on the trained SAE's")
     with pytest.raises(ValueError, match="no .*sae.pt: run Section 3's training cell"):
         workshop.load_saes(fresh, str(tmp_path / "nothing"))
+
+
+def test_train_live_pins_the_runs_to_cpu_float32(monkeypatch, tmp_path):
+    """The notebook's numbers were measured on the CPU in fp32: every train.py run gets --device=cpu --dtype=float32
+    (on a GPU runtime train.py would pick CUDA and bf16), and a `then` script starts after its run."""
+    pytest.importorskip("IPython")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    started = []
+
+    class Done:
+        returncode = 0
+
+        def __init__(self, cmd, **kw):
+            started.append(cmd[1:])
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(workshop.subprocess, "Popen", Done)
+    monkeypatch.setattr("IPython.display.display", lambda fig: None)
+    logs = workshop.train_live({"a": [f"--out_dir={tmp_path}"]}, every=0, then={"s": ("a", ["sae.py", "--steps=1"])})
+    assert started == [["train.py", "--device=cpu", "--dtype=float32", f"--out_dir={tmp_path}"], ["sae.py", "--steps=1"]]
+    assert logs == {"a": [], "s": []}

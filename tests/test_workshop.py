@@ -105,7 +105,8 @@ def mean_of_codes(a, codes, k):
     (first_code_only, "sum of the chosen codes"), (mean_of_codes, "sum of the chosen codes"),
     (recon_as_float, "recon is a Python float: return the tensor itself"), (recon_of_out, "recon compares out with a"),
     (lambda a, codes, k: None, "returned None (does your function end with `return`?)"),
-    (numpy_out, "out is a numpy array"), (lambda a, codes, k: sol.codebook_forward(a, codes, k)[:2], "returned 2 values"),
+    (numpy_out, "out is a numpy array"),
+    (lambda a, codes, k: sol.codebook_forward(a, codes, k)[:2], "returned 2 values"),
 ])
 def test_codebook_check(wrong, says):
     assert "correct" in workshop.check_codebook(sol.codebook_forward)
@@ -267,7 +268,8 @@ def test_helpers_name_odd_arguments(tiny, tmp_path):
     model, fsm = tiny
     plain = GPT(GPTConfig(n_embd=32, n_head=2, codebook_sites="")).eval()
     for call in (lambda: workshop.check_your_layer(sol.layer_forward, plain, fsm),
-                 lambda: workshop.check_swap(sol.swap, plain, fsm), lambda: workshop.swap_table(sol.swap, plain, fsm, sol.jsd)):
+                 lambda: workshop.check_swap(sol.swap, plain, fsm),
+                 lambda: workshop.swap_table(sol.swap, plain, fsm, sol.jsd)):
         with pytest.raises(ValueError, match="this model has no codebooks .*pass `model`"):
             call()
     x, y = fsm.eval_set(4, plain.config.block_size)
@@ -430,7 +432,8 @@ def test_train_live_runs_at_once_and_names_a_failure(tmp_path, monkeypatch):
     monkeypatch.setattr("IPython.display.display", lambda fig: shown.append(fig))
     tiny = ["--n_embd=16", "--n_head=2", "--num_codes=8", "--batch_size=8", "--max_iters=12", "--codebook_start=4",
             "--eval_interval=6", "--eval_seqs=8", "--eval_samples=8", "--log_interval=2"]
-    after_b = ["-c", f"import os; print('step 1: b done' if os.path.isfile({str(tmp_path / 'b' / 'ckpt.pt')!r}) else 'early')"]
+    ckpt_b = str(tmp_path / "b" / "ckpt.pt")
+    after_b = ["-c", f"import os; print('step 1: b done' if os.path.isfile({ckpt_b!r}) else 'early')"]
     logs = workshop.train_live({"a": [*tiny, f"--out_dir={tmp_path / 'a'}"],
                                 "b": [*tiny, "--codebook_sites=", f"--out_dir={tmp_path / 'b'}"]}, switch=4, every=0.2,
                                then={"after b": ("b", after_b)})
@@ -582,8 +585,8 @@ def test_notebook_runs_end_to_end_with_the_answers(tmp_path):
     old = {k: os.environ.get(k) for k in ("WORKSHOP_SOLUTIONS", "HF_HUB_OFFLINE")}
     os.environ.update(WORKSHOP_SOLUTIONS="1", HF_HUB_OFFLINE="1")  # the kernel's: the answers, and never the hub
     try:
-        nbclient.NotebookClient(nb, timeout=1500, kernel_name="python3", resources={"metadata": {"path": str(repo / "workshop")}}
-                                ).execute()
+        nbclient.NotebookClient(nb, timeout=1500, kernel_name="python3",
+                                resources={"metadata": {"path": str(repo / "workshop")}}).execute()
     finally:
         for k, v in old.items():
             if v is None:
@@ -684,7 +687,9 @@ def test_sae_check_on_trained_saes_and_loading_them(tmp_path):
     assert res == {"train_s": 1.5} and all(not s.bypass for s in loaded)
     assert torch.equal(loaded[0].W_enc, saes[0].W_enc)
     assert "correct" in workshop.check_sae(sol.sae_forward, loaded, fsm, fresh)
-    off = lambda x, *w: (sol.sae_forward(x, *w)[0] + (x.shape[0] != 64) * 0.1, *sol.sae_forward(x, *w)[1:])  # noqa: E731
+    def off(x, *w):  # right on the check's 64 rows, off on the model's
+        x_hat, z, loss = sol.sae_forward(x, *w)
+        return x_hat + (x.shape[0] != 64) * 0.1, z, loss
     raises(lambda fn: workshop.check_sae(fn, loaded, fsm, fresh), off, "wrong on the trained SAE's")
     with pytest.raises(ValueError, match="no .*sae.pt: run Section 3's training cell"):
         workshop.load_saes(fresh, str(tmp_path / "nothing"))
@@ -711,5 +716,6 @@ def test_train_live_pins_the_runs_to_cpu_float32(monkeypatch, tmp_path):
     monkeypatch.setattr(workshop.subprocess, "Popen", Done)
     monkeypatch.setattr("IPython.display.display", lambda fig: None)
     logs = workshop.train_live({"a": [f"--out_dir={tmp_path}"]}, every=0, then={"s": ("a", ["sae.py", "--steps=1"])})
-    assert started == [["train.py", "--device=cpu", "--dtype=float32", f"--out_dir={tmp_path}"], ["sae.py", "--steps=1"]]
+    assert started == [["train.py", "--device=cpu", "--dtype=float32", f"--out_dir={tmp_path}"],
+                       ["sae.py", "--steps=1"]]
     assert logs == {"a": [], "s": []}

@@ -1,6 +1,6 @@
 """
-Checks and helpers for workshop/workshop.ipynb. Each `check_*` runs a learner's answer against this repository's own code
-on known inputs and raises an AssertionError that names the likely mistake; the answers are in
+Checks and helpers for workshop/workshop.ipynb. Each `check_*` runs a learner's answer against this repository's
+own code on known inputs and raises an AssertionError that names the likely mistake; the answers are in
 workshop/solutions.py. The helpers train with a live plot (`train_live`), run the learner's state swap over every
 codebook (`swap_table`), read out a dictionary of features (`dictionary_row`) and draw the figures.
 """
@@ -200,8 +200,8 @@ def emptied_data(seed=23):
     return a, torch.randn(16, 4, generator=g)
 
 
-BINCOUNT = "if you count members with torch.bincount(best): it has max(best) + 1 entries, fewer than M when the last codes win no row: pass " \
-    "minlength=M (the number of codes)"
+BINCOUNT = ("if you count members with torch.bincount(best): it has max(best) + 1 entries, fewer than M when the "
+            "last codes win no row: pass minlength=M (the number of codes)")
 
 
 def check_kmeans(fn):
@@ -402,7 +402,8 @@ def check_jsd(fn):
 def swap_reference(model, fsm, ctx_a, ctx_b, sites, positions="state+next", fill=-2, source="B"):
     """The state swap (steer.fsm_swap's, one site group): the next-state distribution (n, S + 1) of the contexts
     ctx_a (n, T) with the codes that ctx_b's run chose at `positions` patched into `sites`. The other arguments make
-    the usual mistakes: positions "state" (A's digits only), "last" or "all" (every position); fill -1 (remove the codes elsewhere); source
+    the usual mistakes: positions "state" (A's digits only), "last" or "all" (every position); fill -1 (remove the
+    codes elsewhere); source
     "A" (A's own codes)."""
     T, D = ctx_a.shape[1], fsm.digits
     pos = {"state+next": slice(T - D, T + D - 1), "state": slice(T - D, T), "last": slice(T - 1, T),
@@ -451,9 +452,10 @@ def check_swap(fn, model, fsm, pairs=40):
         if torch.allclose(got, want, atol=1e-5):
             continue
         s, w = 100 * success(fsm, got, B), 100 * success(fsm, want, B)
-        where = f"patching {', '.join(sites)}: " + (f"success {s:.1f}% where it should be {w:.1f}%" if abs(s - w) >= 0.05
-                                                    else f"success {w:.1f}% as it should be, but the distribution "
-                                                    f"differs by up to {(got - want).abs().max().item():.3g}")
+        where = f"patching {', '.join(sites)}: " + (
+            f"success {s:.1f}% where it should be {w:.1f}%" if abs(s - w) >= 0.05 else
+            f"success {w:.1f}% as it should be, but the distribution differs by up to "
+            f"{(got - want).abs().max().item():.3g}")
         mistakes = [
             (dict(positions="state"), "B's codes at A's digits only move the first digit: the next state's second "
              "digit is predicted at the positions after T - 1, whose codes must be B's too (T - D to T + D - 2)"),
@@ -609,7 +611,8 @@ def check_sae(fn, saes=None, fsm=None, model=None):
                                  (layer.W_enc, layer.b_enc, layer.codes, layer.b_dec)):
             if gp is None or not torch.allclose(gp, ref.grad[0], atol=1e-5):
                 raise AssertionError(f"k={k}: the gradient to {name} differs from sae.py's (is part of the forward "
-                                     "detached? the kept values must come from z_pre itself so that the encoder learns)")
+                                     "detached? the kept values must come from z_pre itself so that the encoder "
+                                     "learns)")
     if saes is not None:
         if model is None or fsm is None:
             raise ValueError("check_sae(fn, saes, fsm, model): the trained SAEs need the model they sit in and its FSM")
@@ -706,8 +709,8 @@ def train_live(runs, switch=None, floor=None, every=2.0, then=None):
     cross-entropy (the step `switch` where the codes go on and the entropy `floor` marked), the FVU of the codebooks
     and the valid transitions at each evaluation. then: {label: (run label, [script, arguments])}, scripts started
     with that run's threads as soon as it has finished (sae.py on the run without codebooks). Returns {label: log
-    records} (for a `then` script, the lines it printed); raises RuntimeError with the end of the script's stderr if one fails, ValueError (one line) for runs
-    without --out_dir."""
+    records} (for a `then` script, the lines it printed); raises RuntimeError with the end of the script's stderr if
+    one fails, ValueError (one line) for runs without --out_dir."""
     import matplotlib.pyplot as plt
     from IPython.display import clear_output, display
 
@@ -743,8 +746,9 @@ def train_live(runs, switch=None, floor=None, every=2.0, then=None):
             logs[label] = read_log(os.path.join(ROOT, out, "log.jsonl"))
         fig = plot_training(logs, switch, floor)
         if then:
-            state = lambda lb: "waiting" if lb in waiting else "running" if procs[lb][0].poll() is None else "done"  # noqa: E731
-            fig.suptitle("; ".join(f"{lb}: {state(lb)}" for lb in then), fontsize=9, y=1.02)
+            state = {lb: "waiting" if lb in waiting else "running" if procs[lb][0].poll() is None else "done"
+                     for lb in then}
+            fig.suptitle("; ".join(f"{lb}: {st}" for lb, st in state.items()), fontsize=9, y=1.02)
         clear_output(wait=True)
         display(fig)
         plt.close(fig)

@@ -210,13 +210,19 @@ def naive(p, q):  # 0 * log 0 left as NaN
     return ((p * (p / m).log()).sum(-1) + (q * (q / m).log()).sum(-1)) / 2
 
 
+def symmetric_kl(p, q):  # KL against the other distribution, not the mixture: infinite where q = 0 < p
+    kl = lambda x, y: torch.where(x > 0, x * (x / y).log(), torch.zeros_like(x)).sum(-1)  # noqa: E731
+    return (kl(p, q) + kl(q, p)) / 2
+
+
 def kl_only(p, q):
     return (p * (p.clamp(min=1e-30) / q.clamp(min=1e-30)).log()).sum(-1)
 
 
 @pytest.mark.parametrize("wrong,says", [(missing, "not answered yet"), (in_bits, "natural log"),
                                         (naive, "0 * log 0"), (kl_only, "KL(p || m)"),
-                                        (lambda p, q: float(sol.jsd(p, q).sum()), "a Python float")])
+                                        (lambda p, q: float(sol.jsd(p, q).sum()), "a Python float"),
+                                        (symmetric_kl, "compares with the mixture m = (p + q) / 2")])
 def test_jsd_check(wrong, says):
     assert "correct" in workshop.check_jsd(sol.jsd)
     raises(workshop.check_jsd, wrong, says)

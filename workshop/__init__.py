@@ -390,7 +390,9 @@ def check_jsd(fn):
     got = _tensor(_missing(fn, p, q), "the divergence")
     want = jsd(p, q)
     assert got.shape == want.shape, f"shape {tuple(got.shape)}: one divergence per row, {tuple(want.shape)}"
-    assert torch.isfinite(got).all(), "not finite: 0 * log 0 counts as 0 (mask the zeros)"
+    if not torch.isfinite(got).all():
+        raise AssertionError("not finite: 0 * log 0 counts as 0 (mask the zeros); and each KL compares with the "
+                             "mixture m = (p + q) / 2, never 0 where p or q is not, not with the other distribution")
     if torch.allclose(got, want / torch.log(torch.tensor(2.0))):
         raise AssertionError("in bits: use the natural log (nats), as the paper's Fig. 4")
     assert torch.allclose(got, want, atol=1e-6), \

@@ -330,7 +330,7 @@ def check_your_layer(fn, model, fsm, site="h.0.mlp", eval_seqs=512, samples=1000
     want_idx, want_recon = layer.last_indices.clone(), layer.recon_loss.detach().clone()
     with torch.no_grad():  # the learner's forward alone, on the input the layer had
         layer.last_indices = layer.recon_loss = None
-        out = _missing(fn, layer, seen["x"], hints=(("", LAYER_RAISED),))
+        out = _missing(fn, layer, seen["x"], hints=tuple((key, LAYER_RAISED) for key in ("shape", "size", "dimension")))
         _tensor(out, "the output", tuple(seen["x"].shape))
         idx, recon = layer.last_indices, layer.recon_loss
         with layer_replaced(model, site, fn):

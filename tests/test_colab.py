@@ -15,7 +15,7 @@ from conftest import ROOT
 
 def colab_block():
     """The part of the first code cell that runs on Colab, with REPO_URL set as a teacher would."""
-    cells = json.load(open(os.path.join(ROOT, "workshop.ipynb"), encoding="utf-8"))["cells"]
+    cells = json.load(open(os.path.join(ROOT, "workshop", "workshop.ipynb"), encoding="utf-8"))["cells"]
     src = "".join(next(c for c in cells if c["cell_type"] == "code")["source"])
     block = src[: src.index("sys.path.insert")]
     return block.replace("https://github.com/YOUR-ORG/codebook-features", "https://example.org/codebook-features.git")

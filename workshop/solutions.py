@@ -1,5 +1,5 @@
 """
-Answers to the exercises of workshop.ipynb (the notebook imports them when run with WORKSHOP_SOLUTIONS=1, as CI
+Answers to the exercises of workshop/workshop.ipynb (the notebook imports them when run with WORKSHOP_SOLUTIONS=1, as CI
 does, and a learner who is stuck can import one to go on). Try the exercises first: each has a check that says what
 is wrong.
 """
@@ -73,3 +73,14 @@ def swap(model, fsm, ctx_a, ctx_b, sites):
         patch[site] = torch.full_like(codes_b[site], -2)  # -2: the model's own choice
         patch[site][:, T - D : T + D - 1] = codes_b[site][:, T - D : T + D - 1]
     return steer.next_state_dist(model, fsm, ctx_a, patch)[0]
+
+
+def sae_forward(x, W_enc, b_enc, W_dec, b_dec, k, var):
+    """Exercise 6.1: a TopK SAE (Gao et al. 2024; sae.py) on x (N, d) with M latents: W_enc, W_dec (M, d), b_enc
+    (M,), b_dec (d,), var () the data's variance -> x_hat (N, d), z (N, M) with at most k non-zero latents per row,
+    loss () = MSE(x_hat, x) / var (the FVU)."""
+    z_pre = (x - b_dec) @ W_enc.T + b_enc  # (N, M): the decoder's bias is subtracted before encoding
+    top = z_pre.topk(k, dim=-1)  # the k largest pre-activations
+    z = torch.zeros_like(z_pre).scatter(1, top.indices, F.relu(top.values))  # (N, M), negative ones zeroed
+    x_hat = z @ W_dec + b_dec  # (N, d)
+    return x_hat, z, (x_hat - x).square().mean() / var

@@ -63,8 +63,8 @@ def token_concepts(text, codes, num_codes, strs):
     best = torch.full((num_codes,), -1.0, dtype=f.dtype).scatter_reduce(0, code, f, "amax")
     pick = (f == best[code]).nonzero().flatten()
     out = {}
-    for i in pick.tolist():  # one row per code: the first of any ties
-        out.setdefault(int(code[i]), [(f"token {json.dumps(strs[int(s[i])])}", P[i].item(), R[i].item())])
+    for c, i, p, r in zip(code[pick].tolist(), s[pick].tolist(), P[pick].tolist(), R[pick].tolist()):
+        out.setdefault(c, [(f"token {json.dumps(strs[i])}", p, r)])  # one per code: the first of any ties
     return out
 
 

@@ -5,6 +5,7 @@ codebook, timed inside headless Chromium on a synthetic page; and the one way th
 
     python scripts/explorer_bench.py                          # one book of 10,000 codes, 512 x 128 tokens
     python scripts/explorer_bench.py --num_codes=10000 --books=6
+    python scripts/explorer_bench.py --screenshot=out/analysis/browser.html   # -> assets/explorer.png
 
 The page: `--books` books of `--num_codes` codes (k=1) on `--rows` sequences of `--T` tokens of 2,000 made-up
 words, codes drawn with Zipf-like frequencies (a fifth of them dead), each used code with two concepts ("topic tN",
@@ -14,7 +15,6 @@ distribution's packages (apt-get install chromium) and Playwright for Python (re
 download, no network: every request but the page itself is refused and counted.
 """
 
-import argparse
 import contextlib
 import os
 import shutil
@@ -22,10 +22,14 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from plumbing.configuration import ConfigError, parse_config, spec, validate  # noqa: E402
+from plumbing.entry import cli  # noqa: E402
+from plumbing.rundir import is_out_file  # noqa: E402
 
 # Chromium's flags on machines without network: without them it tries the network at every start (Playwright adds
 # --headless itself).
@@ -144,21 +148,48 @@ OPS = [
 ]
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--num_codes", type=int, default=10_000)
-    ap.add_argument("--books", type=int, default=1)
-    ap.add_argument("--rows", type=int, default=512)
-    ap.add_argument("--T", type=int, default=128)
-    args = ap.parse_args(argv)
-    if args.num_codes < 1 or args.books < 1 or args.rows < 1 or args.T < 1:
-        sys.exit("error: --num_codes, --books, --rows and --T are at least 1")
+def screenshot(page_path, png):
+    """The README's picture: the page at 1280 x 800, the codes of the first concept kind (state, else topic, else
+    any) at precision >= 0.9 sorted by recall, the first one open."""
+    with headless_chromium(1280, 800) as browser:
+        page = browser.open(page_path)
+        kinds = page.eval_on_selector_all("#group option", "os => os.map(o => o.value)")
+        kind = next((k for k in ("state", "topic") if k in kinds), "")
+        page.select_option("#group", kind)
+        page.select_option("#sort", "r")
+        page.click("#list tr:first-child")
+        page.screenshot(path=png)
+        assert not page.errors and not browser.requests, (page.errors, browser.requests)
+    print(f"wrote {png} ({os.path.getsize(png) / 1024:.0f} KB)")
+
+
+@dataclass
+class ExplorerBenchConfig:
+    """The synthetic page's size; or, with screenshot, the README's picture of a page analyze.py wrote."""
+
+    num_codes: int = spec(10_000, ">= 1")  # codes per book
+    books: int = spec(1, ">= 1")  # books (one codebook each)
+    rows: int = spec(512, ">= 1")  # sequences whose token positions are in the page
+    T: int = spec(128, ">= 1")  # tokens per sequence
+    screenshot: str = ""  # instead of timing: a PNG of this page (analyze.py's browser.html), as in the README
+    png: str = spec(os.path.join(ROOT, "assets", "explorer.png"), check=is_out_file)  # where the screenshot goes
+
+    def __post_init__(self):
+        validate(self)
+        if self.screenshot and not os.path.isfile(self.screenshot):
+            raise ConfigError(f"--screenshot={self.screenshot}: no such page; run analyze.py first")
+
+
+def main(argv):
+    cfg = parse_config(argv, ExplorerBenchConfig)
     if missing():
-        sys.exit(f"error: {missing()}")
+        raise ConfigError(missing())
+    if cfg.screenshot:
+        return screenshot(cfg.screenshot, cfg.png)
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "page.html")
         t0 = time.perf_counter()
-        size = synthetic_page(path, args.num_codes, args.books, args.rows, args.T)
+        size = synthetic_page(path, cfg.num_codes, cfg.books, cfg.rows, cfg.T)
         written = time.perf_counter() - t0
         with headless_chromium() as browser:
             loads = []
@@ -169,13 +200,13 @@ def main(argv=None):
             page = browser.open(path)
             res = page.evaluate(TIMER, [[n, [list(s) for s in steps]] for n, steps in OPS])
             assert not page.errors and not browser.requests, (page.errors, browser.requests)
-    print(f"page: {args.books} book(s) x {args.num_codes:,} codes, {args.rows} x {args.T} tokens: {size / 2**20:.1f} MB, "
+    print(f"page: {cfg.books} book(s) x {cfg.num_codes:,} codes, {cfg.rows} x {cfg.T} tokens: {size / 2**20:.1f} MB, "
           f"written in {written:.1f} s; loaded (parsed, decoded, first list drawn) in "
           f"{statistics.median(loads):.0f} ms (median of 3); 0 network requests")
-    print(f"| operation | ms (median of 7) | codes listed |\n|---|---|---|")
+    print("| operation | ms (median of 7) | codes listed |\n|---|---|---|")
     for name, (ms, n) in res.items():
         print(f"| {name} | {ms:.1f} | {n:,} |")
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -200,7 +200,7 @@ def main(argv):
             page = browser.open(path)
             res = page.evaluate(TIMER, [[n, [list(s) for s in steps]] for n, steps in OPS])
             assert not page.errors and not browser.requests, (page.errors, browser.requests)
-    print(f"page: {cfg.books} book(s) x {cfg.num_codes:,} codes, {cfg.rows} x {cfg.T} tokens: {size / 2**20:.1f} MB, "
+    print(f"page: {cfg.books} book(s) x {cfg.num_codes:,} codes, {cfg.rows} x {cfg.T} tokens: {size / 2**20:.1f} MiB, "
           f"written in {written:.1f} s; loaded (parsed, decoded, first list drawn) in "
           f"{statistics.median(loads):.0f} ms (median of 3); 0 network requests")
     print("| operation | ms (median of 7) | codes listed |\n|---|---|---|")

@@ -1,8 +1,8 @@
 """
-Presentation of analyze.py's results: an offline HTML code browser (each code's frequency, best concepts and the
-contexts where it fires) and matplotlib plots (code frequencies, the state x code heatmap, codes against neurons,
-the paper's Fig. 6a), written into the analysis directory by `python analyze.py`; the table of steer.py's FSM swap.
-Nothing here computes a result.
+Presentation of analyze.py's results: the code explorer, one offline HTML page (assets/explorer.html with the data
+inlined: search, sort, filter and read every code; its only computations are each code's best token and logit
+effect) and matplotlib plots (code frequencies, the state x code heatmap, codes against neurons, the paper's Fig. 6a),
+written into the analysis directory by `python analyze.py`; the table of steer.py's FSM swap.
 """
 
 import base64

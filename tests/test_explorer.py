@@ -333,10 +333,41 @@ def test_browser_sorts_and_filters(browser, fsm_run):
     usage = {tr.get_attribute("data-book"): tr.query_selector_all("td")[4].text_content()
              for tr in page.query_selector_all("#usage tr")}
     assert usage == {b: f"{100 * (cs == 0).float().mean().item():.1f}" for b, cs in counts.items()}
+    page.click("#usage-head th[data-col='4']")  # sorted by dead %, most first
+    dead = [float(tr.query_selector_all("td")[4].text_content()) for tr in page.query_selector_all("#usage tr")]
+    assert dead == sorted(dead, reverse=True)
     page.click("#tab-heatmap")  # the concept map: clicking a cell opens its code
     box = page.query_selector("#hm").bounding_box()
     book, left, cw, rh, row, code = page.evaluate("(h => [explorer.BOOKS[h.bi].name, h.left, h.cw, h.rh, "
                                                   "h.cols[0].row, h.cols[0].c])(explorer.heat())")
     page.mouse.click(box["x"] + left + cw / 2, box["y"] + row * rh + rh / 2)
     assert page.is_visible("#sec-codes") and page.text_content("#d-name") == f"{book}:{code}"
+    assert page.errors == [] and browser.requests == []
+
+
+@pytest.mark.slow
+def test_browser_concepts_of_any_kind(browser, fsm_run, tmp_path):
+    """Concepts that another analysis names "kind name" (a story language's "topic dragon", "mood happy") are
+    searched, grouped by their kind and mapped without any change to the page."""
+    run, an = fsm_run
+    model, col, strs = python_side(run, an)
+    stats = {b: analyze.code_stats(col["codes"][n][:, :, g], cb.num_codes) for b, n, g, cb in col["books"]}
+    concepts = {"h.0.mlp": {1: [("topic dragon", 0.95, 0.5), ("mood happy", 0.3, 0.2)], 2: [("topic castle", 0.91, 0.8)],
+                            3: [("mood happy", 0.97, 0.4)]}, "h.1.mlp": {4: [("topic dragon", 0.5, 0.9)]}}
+    report.write_browser(str(tmp_path / "s.html"), col, strs, stats, concepts, model=model)
+    page = browser.open(tmp_path / "s.html")
+    assert {"topic", "mood", "token"} <= set(page.eval_on_selector_all("#group option", "os => os.map(o => o.value)"))
+    fill(page, "#group", "topic", "change")  # precision >= 0.9, the default
+    assert {r[:4] for r in listed(page)} == {("h.0.mlp", 1, 0.95, 0.5), ("h.0.mlp", 2, 0.91, 0.8)}
+    fill(page, "#group", "mood", "change")
+    assert [r[:2] for r in listed(page)] == [("h.0.mlp", 3)]
+    fill(page, "#group", "", "change")
+    fill(page, "#minp", "0.4")
+    fill(page, "#concept", "dragon")  # a part of a name: every name that holds it
+    assert {r[:2] for r in listed(page)} == {("h.0.mlp", 1), ("h.1.mlp", 4)}
+    page.click("#tab-heatmap")
+    page.select_option("#hm-book", label="h.0.mlp")
+    assert {"topic", "mood"} <= set(page.eval_on_selector_all("#hm-family option", "os => os.map(o => o.value)"))
+    page.select_option("#hm-family", "topic")
+    assert page.evaluate("explorer.heat().names.length") == 2 and page.evaluate("explorer.heat().cols.length") == 2
     assert page.errors == [] and browser.requests == []

@@ -299,7 +299,7 @@ def report_regex(out, cfg, col, tok):
     for b, name, g, cb in col["books"]:
         counts, P, R = precision_recall(col["codes"][name][:, :, g].reshape(-1, cb.k), target.reshape(-1).long(), 2,
                                         cb.num_codes)
-        for c, x in top_concepts(counts[1:], P[1:], R[1:], [f"regex {cfg.regex}"], 1).items():
+        for c, x in top_concepts(counts[1:], P[1:], R[1:], [f"regex {json.dumps(cfg.regex)}"], 1).items():
             concepts.setdefault(b, {})[c] = x
     return concepts
 

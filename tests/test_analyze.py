@@ -219,4 +219,4 @@ def test_cli_language_model_regex_concepts(tmp_path):
     assert found["regex"] == " dragon" and found["tokens"]
     assert all(book.startswith("h.0.attn_heads:") for book, *_ in found["tokens"])
     html = (out / "browser.html").read_text()
-    assert '"regex  dragon"' in html and '" dragon"' in html  # the concept, and the token in the page's strings
+    assert json.dumps('regex " dragon"') in html and '" dragon"' in html  # the concept; the token in the page's strings

@@ -296,7 +296,7 @@ def test_browser_regex_search_is_analyze_regex(browser, lm_run):
     for b, c, p, r, n in found:
         assert {(x[0], x[1]): x[2:] for x in listed(page)}[(b, c)] == pytest.approx([p, r, n], abs=1e-6)
     names = {n for per in page_data(an / "browser.html")["concepts"].values() for f in per.values() for n, _, _ in f}
-    assert "regex  dragon" in names  # analyze's regex concept, named by its kind
+    assert 'regex " dragon"' in names  # analyze's regex concept, named by its kind
 
 
 @pytest.mark.slow

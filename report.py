@@ -158,8 +158,10 @@ def write_browser(path, col, row_strs, stats, concepts=None, n_codes=1000, n_ctx
     size = len((head + body + tail.replace("__BYTES__", "0" * 12)).encode())
     with atomic_write(path) as f:
         f.write(head + body + tail.replace("__BYTES__", f"{size:12d}"))
+    over = size > html_mb * 2**20  # the list of codes, concepts and logit effects alone are over the cap
     print(f"{os.path.basename(path)}: {size / 2**20:.1f} MiB, {len(chosen)} of {len(col['books'])} books, token "
-          f"positions of {rows} of {n} rows (--html_mb={html_mb:g})")
+          f"positions of {rows} of {n} rows (--html_mb={html_mb:g}" + ("; over it even so: lower --html_codes or "
+                                                                      "choose fewer --html_books)" if over else ")"))
     return size
 
 

@@ -27,6 +27,7 @@ Ctrl-C, SIGTERM, a lost DDP rank or a full disk stops the run in one line, keepi
 (nan_policy="skip" skips non-finite steps instead).
 """
 
+from plumbing.entry import cli, uninterrupted  # first: a Ctrl-C while torch loads is one line (plumbing/__init__)
 import math
 import os
 import sys
@@ -45,9 +46,8 @@ from evaluate import evaluate_fsm, evaluate_lm
 from fsm import TokFSM
 from model import GPT, GPTConfig
 from plumbing.configuration import (ConfigError, autocast_for, build, is_device, is_out_dir, parse_args,
-                                    resume_config, spec, split_config, validate)
+                                    resume_config, spec, split_config, torchrun_ranks, validate)
 from plumbing.ddp import AllFinite, join_process_group, rank_device
-from plumbing.entry import cli, uninterrupted
 from plumbing.memory import check_training
 from plumbing.progress import eta
 from plumbing.rundir import (DirLock, EarlyStop, RunLog, claim, close_run, load_checkpoint, load_state,
@@ -340,8 +340,8 @@ def setup(argv):
     """Everything a run needs, as a namespace: configs, data, model, optimizer, the owned out_dir and its log.
     Whatever can fail on bad input fails here, before the process group exists, so that each rank stops with
     its one-line error instead of leaving the others waiting in a collective."""
-    ddp = int(os.environ.get("RANK", -1)) != -1  # DDP, as nanoGPT: one process per device, rank 0 logs and saves
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    rank, world = torchrun_ranks()  # torchrun's environment, checked; (None, 1) without it
+    ddp, rank = rank is not None, rank or 0  # DDP, as nanoGPT: one process per device, rank 0 logs and saves
     cfg, gcfg, ckpt = configure(argv, world)
     run = SimpleNamespace(cfg=cfg, rank=rank, world=world, ddp=ddp, block_size=gcfg.block_size, fsm=None,
                           micro=cfg.batch_size // (world * cfg.gradient_accumulation_steps), resumed=ckpt is not None,

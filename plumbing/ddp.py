@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from plumbing.configuration import device_of
+from plumbing.configuration import device_of, environment
 from plumbing.files import pid_alive
 
 
@@ -58,7 +58,7 @@ def rank_device(name, ddp):
     of its LOCAL_RANK, made the current one."""
     device = device_of(name)
     if ddp and device.startswith("cuda"):
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        device = f"cuda:{environment('LOCAL_RANK', 0)}"
         torch.cuda.set_device(device)
     return device
 

@@ -32,7 +32,7 @@ import dataclasses
 import math
 import os
 
-from plumbing.configuration import ConfigError, device_of, split_list
+from plumbing.configuration import ConfigError, device_of, environment, split_list
 
 F32, I64 = 4, 8
 KMEANS_MAX_TOKENS = 65_536  # codebook.py's bound on the rows of k-means (tests/test_memory.py checks they agree)
@@ -41,14 +41,10 @@ KMEANS_MAX_TOKENS = 65_536  # codebook.py's bound on the rows of k-means (tests/
 # ---------------------------------------------------------------------------------------------- the limit, the check
 def available(device="cpu"):
     """Bytes this process may still allocate on `device` (module docstring). Raises ConfigError for a
-    CODEBOOK_MEMORY_LIMIT that is not a number of bytes."""
-    limit = os.environ.get("CODEBOOK_MEMORY_LIMIT", "").strip()
-    if limit:
-        try:
-            return float(limit)
-        except ValueError:
-            raise ConfigError(f"CODEBOOK_MEMORY_LIMIT={limit!r} is not a number of bytes: set it to e.g. 8e9, "
-                              "or unset it") from None
+    CODEBOOK_MEMORY_LIMIT that is not a finite number of bytes > 0 (configuration.ENVIRONMENT)."""
+    limit = environment("CODEBOOK_MEMORY_LIMIT")
+    if limit is not None:
+        return limit
     device = device_of(str(device))
     if device.startswith("cuda"):
         import torch
@@ -59,7 +55,7 @@ def available(device="cpu"):
             free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return float(free) / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return float(free) / environment("LOCAL_WORLD_SIZE", 1)
 
 
 def size(n):
@@ -128,7 +124,7 @@ def check(estimate, v, options, device, usual=None):
     culprits = [key for key in options if v.get(key) is not None and beyond(key)]
     fix = " or ".join(f[-1] for f in fixes[:3]) or "no single option makes it fit: " + \
         (f"lower --{' and --'.join(culprits)}, or " if culprits else "") + "use a device with more memory"
-    where = f"CODEBOOK_MEMORY_LIMIT allows {size(limit)}" if os.environ.get("CODEBOOK_MEMORY_LIMIT", "").strip() \
+    where = f"CODEBOOK_MEMORY_LIMIT allows {size(limit)}" if environment("CODEBOOK_MEMORY_LIMIT") is not None \
         else f"{device_of(str(device))} has {size(limit)} available"
     raise ConfigError(f"this configuration needs about {size(total)} ({shown}) but {where}: {fix}")
 

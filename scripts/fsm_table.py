@@ -26,10 +26,10 @@ from dataclasses import dataclass, fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from plumbing.entry import cli  # noqa: E402  (first: a Ctrl-C while torch loads is one line)
 from model import GPTConfig  # noqa: E402
 from plumbing.configuration import (ConfigError, is_out_dir, load_preset, parse_config, spec, split_list,  # noqa: E402
                                     validate)
-from plumbing.entry import cli  # noqa: E402
 from plumbing.progress import progress  # noqa: E402
 from plumbing.rundir import claim, dir_problem, load_checkpoint, mark  # noqa: E402
 

@@ -181,4 +181,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, ROOT)
+    from plumbing.entry import cli  # an interrupt or a closed pipe: one line, as every entry point
+
+    cli(main)

@@ -77,6 +77,19 @@ def join_process_group(model, device, find_unused):
     return model, peers
 
 
+def every_parameter_used(model):
+    """The DDP `model` (join_process_group) wrapped again without find_unused_parameters, for the rest of a run in
+    which every parameter gets a gradient (the codebooks switched on): the search for unused parameters costs a
+    traversal of the autograd graph every step, and torch warns on every rank that it found none. The old wrapper
+    is dropped (its gradient hooks go with it); the new one checks that the ranks' parameters agree."""
+    if not model.find_unused_parameters:
+        return model
+    ids = model.device_ids
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*broadcast_buffers", FutureWarning)
+        return DDP(model.module, device_ids=ids, broadcast_buffers=False, find_unused_parameters=False)
+
+
 def lost_peer(exc, peers, wait_s=2.0):
     """The other rank(s) that made this one stop, as far as can be known: "rank 1 (pid 123, which no longer runs)"
     for the ranks of this host whose process ended (waiting up to `wait_s` for one: a killed process closes its

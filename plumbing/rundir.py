@@ -104,36 +104,37 @@ def _evidence(path, kind, names):
 
 
 def _marker(path):
-    """The kind the marker of the directory `path` names, or None where it is missing, torn, foreign or no file."""
+    """The kind the marker file of the directory `path` names, or None where it is missing, torn or foreign."""
     try:
         with open(os.path.join(path, MARKER), encoding="utf-8") as f:
             kind = json.load(f)["kind"]
-        return kind if kind in KINDS else None
+        return kind if isinstance(kind, str) and kind else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
 def kind_of(path):
     """(kind, names) of the directory `path`: "train" when it holds a run in this project's format (ckpt.pt or
-    log.jsonl: the files win over a marker that names another kind), else the kind its marker names, else the one
-    its files show (KINDS, `_evidence`); "?" for a torn or foreign marker over files of no known kind, "" for a
-    directory holding anything else, None for a missing or empty one. names: its entries, the kind's own first,
-    without the marker, a lock and this project's temporaries (files.TEMPORARY), which do not count."""
+    log.jsonl: the files win over a marker that names another kind), else the kind its marker names (one this
+    version does not know included: refused by every tool), else the one its files show (KINDS, `_evidence`; a
+    torn marker is ignored); "" for a directory holding anything else, None for a missing or empty one. names: its
+    entries, the kind's own first, without the marker file, a lock and this project's temporaries
+    (files.TEMPORARY), which do not count (a marker that is not a file does: it is not this project's)."""
     try:
         names = os.listdir(path)
     except OSError:
         return None, []
-    rest = [n for n in names if n not in (MARKER, ".lock") and not is_temporary(n)]
-    marked = _marker(path) if MARKER in names else None
+    marker = MARKER in names and os.path.isfile(os.path.join(path, MARKER))
+    rest = [n for n in names if n != ".lock" and (n != MARKER or not marker) and not is_temporary(n)]
+    marked = _marker(path) if marker else None
     if _evidence(path, "train", rest):
         kind = "train"
     elif marked:
         kind = marked
     elif not rest:  # a lock alone: a run that has just started (DirLock)
-        kind = "?" if MARKER in names else "train" if ".lock" in names else None
+        kind = "train" if ".lock" in names else None
     else:
-        kind = next((k for k, (_, files, dirs) in KINDS.items() if _known(k, path, rest, files + dirs)),
-                    "?" if MARKER in names else "")
+        kind = next((k for k, (_, files, dirs) in KINDS.items() if _known(k, path, rest, files + dirs)), "")
     return kind, sorted(rest, key=lambda n: (not _own(kind, n), n))
 
 
@@ -155,8 +156,6 @@ def _known(kind, path, names, own):
 def _what(kind):
     if kind in KINDS:
         return KINDS[kind][0]
-    if kind == "?":
-        return f"a directory whose marker {MARKER} is torn or foreign, over files of no kind this project writes"
     return "files this project did not write" if kind == "" else f"a directory of unknown kind {kind!r} ({MARKER})"
 
 

@@ -168,10 +168,26 @@ def test_a_marker_against_its_run(run, tmp_path, marker, capsys):
     before = snapshot(d)
     with pytest.raises(SystemExit) as e:
         cli(analyze.main, [f"--out_dir={run}", "--device=cpu", f"--save_dir={d}"])
-    assert "holds a training run (ckpt.pt, log.jsonl)" in str(e.value.code) and snapshot(d) == before
+    assert "holds a training run (ckpt.pt, log.jsonl" in str(e.value.code) and snapshot(d) == before
     train.main(["--init_from=resume", "--max_iters=2", f"--out_dir={d}"])
     assert torch.load(d / "ckpt.pt", weights_only=True)["iter_num"] == 2
     assert (d / MARKER).is_dir() if marker == "directory" else (d / MARKER).read_bytes() == before[MARKER]
+
+
+def test_a_torn_marker_alone_is_an_empty_directory(tmp_path):
+    """A directory holding only a torn marker (this project's file, nothing else) is empty: a run may start there,
+    and its marker is written whole. One whose marker name is a directory is a user's: refused, left as it is."""
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / MARKER).write_text('{"kin')
+    assert kind_of(str(tmp_path / "torn"))[0] is None
+    train.main([*TINY, "--max_iters=1", f"--out_dir={tmp_path / 'torn'}"])
+    assert json.loads((tmp_path / "torn" / MARKER).read_text())["kind"] == "train"
+    (tmp_path / "dir" / MARKER).mkdir(parents=True)
+    assert kind_of(str(tmp_path / "dir"))[0] == ""
+    with pytest.raises(SystemExit) as e:
+        cli(train.main, [*TINY, "--max_iters=1", f"--out_dir={tmp_path / 'dir'}"])
+    assert "files this project did not write (.codebook-kind.json)" in str(e.value.code)
+    assert os.listdir(tmp_path / "dir") == [MARKER] and not os.listdir(tmp_path / "dir" / MARKER)
 
 
 def test_a_kind_is_guessed_only_from_files_in_the_projects_format(tmp_path):

@@ -242,12 +242,13 @@ def staged_dir(path, kind):
     path = os.path.normpath(path)
     remove_leftovers(path)  # first: it may put back the output itself
     claim(path, kind, "output directory")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{path} cannot be written ({e.strerror}): choose a writable place") from None
     with recorded(path) as names:
         tmp, old = names["tmp"], names["old"]
-        try:
-            os.makedirs(tmp)
-        except OSError as e:
-            raise ConfigError(f"{path} cannot be written ({e.strerror}): choose a writable place") from None
+        os.makedirs(tmp)
         try:
             yield tmp
             mark(tmp, kind)

@@ -65,16 +65,16 @@ def is_temporary(name):
 def recorded(path):
     """Yield {"tmp": path, "old": path} of new temporaries for the output `path`, after writing their record (the
     leftovers of a killed writer of `path` go first: remove_leftovers). The record is removed when the block ends,
-    whether it completes or fails: the block itself removes or renames its temporaries. Raises ConfigError where
-    nothing can be written beside `path`."""
+    whether it completes or fails: the block itself removes or renames its temporaries. Raises OSError (naming
+    `path`) where nothing can be written beside it."""
     remove_leftovers(path)
     folder, output = os.path.split(path)
     pid, tag = os.getpid(), secrets.token_hex(4)
     names = {w: os.path.join(folder, f".{output}.codebook-{w}-{pid}-{tag}") for w in ("tmp", "old", "record")}
     try:
         fd = os.open(names["record"], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except OSError as e:
-        raise ConfigError(f"{path} cannot be written ({e.strerror}): choose a writable place") from None
+    except OSError as e:  # a full disk, a place that cannot be written: said of the output itself
+        raise OSError(e.errno, e.strerror, path) from None
     try:
         os.write(fd, json.dumps({"output": output, "pid": pid, "start": process_start(pid)}).encode())
         os.fsync(fd)

@@ -205,3 +205,44 @@ def test_a_kind_is_guessed_only_from_files_in_the_projects_format(tmp_path):
     torch.save({"x": torch.zeros(1)}, tmp_path / "a" / "sae.pt")
     (tmp_path / "b" / "config.json").write_text('{"model_type": "gpt_neox"}')
     assert kind_of(str(tmp_path / "a"))[0] == "sae" and kind_of(str(tmp_path / "b"))[0] == "pythia"
+
+
+def test_sae_and_topics_beside_near_misses(tmp_path):
+    """sae.py and topics.py write their outputs (twice each) beside a user's near-miss files and folders, which
+    survive byte-identical."""
+    from dataclasses import asdict
+
+    from conftest import write_lm_dataset
+
+    import sae
+    import topics
+    from model import GPT, GPTConfig
+
+    dead = dead_pid()
+    nocb = tmp_path / "nocb"
+    train.main([*[a for a in TINY if "codebook_sites" not in a], "--max_iters=1", "--codebook_sites=",
+                f"--out_dir={nocb}"])
+    data = write_lm_dataset(tmp_path / "data", "Once upon a time there was a dragon and a king. " * 40)
+    model = GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=16, vocab_size=384,
+                          codebook_sites="attn_heads", num_codes=16, k=2))
+    lm = tmp_path / "lm"
+    lm.mkdir()
+    torch.save({"model": model.state_dict(), "model_config": asdict(model.config), "optimizer": {},
+                "train_config": asdict(train.TrainConfig(dataset=str(data))), "iter_num": 0}, lm / "ckpt.pt")
+    mine = {}  # path: bytes of every file of the user's
+    for folder, output in ((tmp_path, "sae"), (lm, "topics")):
+        for name in (f"{output}.old.7", f"{output}.x.tmp.{dead}", f".{output}.codebook-old-{dead}-0123abee"):
+            (folder / name).mkdir()
+            (folder / name / "keep.old.7").write_text(name)
+            mine[folder / name / "keep.old.7"] = name.encode()
+        files = near_misses(output, dead)
+        put(folder, files)
+        mine.update({folder / n: data for n, data in files.items()})
+    for _ in range(2):
+        sae.main([f"--out_dir={nocb}", "--num_latents=8", "--num_seqs=8", "--steps=1", "--pairs=2", "--device=cpu",
+                  f"--save_dir={tmp_path / 'sae'}"])
+        topics.main([f"--out_dir={lm}", "--topics=dragon", "--samples_per_prompt=1", "--max_new_tokens=4",
+                     "--device=cpu"])
+        changed = [str(p) for p, data in mine.items() if not p.is_file() or p.read_bytes() != data]
+        assert not changed, changed
+    assert (tmp_path / "sae" / "sae.pt").is_file() and (lm / "topics" / "topic_codes.json").is_file()

@@ -8,15 +8,16 @@ The limit (`available`): CODEBOOK_MEMORY_LIMIT (bytes, e.g. 2e9) when set; else 
 torchrun ranks.
 
 The estimate is simple on purpose: the bytes of the big tensors, fp32 (a training run under bf16 autocast: its
-layers' activations in bf16, 2 bytes; its logits, weights and optimizer in fp32), int64 token ids, nothing for torch itself (its kernels' pages, about 0.1 GB on a CPU). A run needs
-what it keeps (weights, optimizer, eval sets, collected codes) plus its largest phase (a training step, an
-evaluation, sampling), each a sum of terms. With C = n_embd, H = the MLP's width, V = vocab_size, T = block_size,
-L = n_layer, and for each codebook G groups of M codes:
+layers' activations in bf16, 2 bytes; its logits, weights and optimizer in fp32), int64 token ids, nothing for
+torch itself (its kernels' pages, about 0.1 GB on a CPU). A run needs what it keeps (weights, optimizer, eval
+sets, collected codes) plus its largest phase (a training step, an evaluation, sampling), each a sum of terms.
+With C = n_embd, H = the MLP's width, V = vocab_size, T = block_size, L = n_layer, and for each codebook G groups
+of M codes:
 - weights: P = V C (twice untied) + T C (learned positions) + L (4 C^2 + 2 C H + 9 C + H) + M C per codebook; 4 P
   bytes, 16 P to train (gradients and AdamW's two moments); each codebook adds 3 G M int64 counters;
 - activations of a training forward over N tokens, kept for the backward: N (L (12 C + 2 H) + 3 C per codebook) x
-  2 or 4 bytes (the autocast's dtype) + 3 N V x 4; without gradients the live ones of one layer, N (6 C + 2 H + 3 V) x 4; and the codes each
-  codebook chose last, N G k x 8;
+  2 or 4 bytes (the autocast's dtype) + 3 N V x 4; without gradients the live ones of one layer,
+  N (6 C + 2 H + 3 V) x 4; and the codes each codebook chose last, N G k x 8;
 - codebook scores while a codebook scores N tokens (codebook.topk_codes): a normalised copy of its codes and one
   chunk of scores, (M C + G min(N, rows per chunk) M) x 4, for the largest codebook;
 - sampling n sequences: the key/value cache n (L + 1) 2 T C x 4, the token array (twice while it grows), a one-token

@@ -28,6 +28,7 @@ for that state, the single MLP neuron with the highest precision when thresholde
 code's.
 """
 
+from plumbing.entry import cli  # first: a Ctrl-C while torch loads is one line (plumbing/__init__)
 import json
 import os
 import re
@@ -41,7 +42,6 @@ from evaluate import dictionary_metrics, eval_batches, mlp_neurons, neuron_basel
 from fsm import TokFSM
 from model import load_run
 from plumbing.configuration import ConfigError, is_device, is_out_dir, is_regex, parse_config, spec, validate
-from plumbing.entry import cli
 from plumbing.files import read_json, read_torch
 from plumbing.memory import check_analysis
 from plumbing.progress import progress

@@ -18,6 +18,7 @@ Benchmarks for the codebook layer, a full training step and generation (nanoGPT 
 4. (--only=profile) torch.profiler's top ops of a laptop FSM training step with codebooks on.
 """
 
+from plumbing.entry import cli  # first: a Ctrl-C while torch loads is one line (plumbing/__init__)
 import json
 import os
 import statistics
@@ -33,7 +34,6 @@ from codebook import CodebookLayer
 from fsm import TokFSM
 from model import GPT, GPTConfig
 from plumbing.configuration import is_device, load_preset, parse_config, spec, split_config, validate
-from plumbing.entry import cli
 from plumbing.memory import peak
 
 # (name, N tokens, dim, groups, num_codes, k): the shapes of the performance goals

@@ -196,6 +196,17 @@ def evaluate_fsm(model, fsm, eval_x, eval_y, samples=1000, seed=1337, autocast=N
     return m
 
 
+def codebook_summary(m, codebooks, start):
+    """The codebooks' part of train.py's evaluation line for the metrics `m` of evaluate_fsm / evaluate_lm: dead
+    codes, FVU and CE loss recovered, or, while every codebook is bypassed (before the switch at iteration `start`)
+    or there is none, that (where those metrics would read 0 % and NaN)."""
+    if not codebooks:
+        return "no codebooks"
+    if all(cb.bypass for cb in codebooks):
+        return f"codebooks not on yet (they switch on at iteration {start})"
+    return f"dead codes {m['dead_pct']:.1f}%, FVU {m['fvu']:.3f}, loss recovered {m['recovered']:.3f}"
+
+
 @in_eval_mode
 @torch.no_grad()
 def evaluate_lm(model, val, eval_ix, batch, autocast=None):

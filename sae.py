@@ -29,6 +29,7 @@ and results.json (states owning a latent, precision against the best neuron, FVU
 training time, and the swap of state B's latents into state A's positions).
 """
 
+from plumbing.entry import cli  # first: a Ctrl-C while torch loads is one line (plumbing/__init__)
 import json
 import os
 import time
@@ -46,7 +47,6 @@ from evaluate import bypassed, dictionary_metrics, mlp_neurons, neuron_baseline
 from fsm import TokFSM
 from model import load_run
 from plumbing.configuration import ConfigError, is_device, is_out_dir, parse_config, spec, validate
-from plumbing.entry import cli
 from plumbing.memory import check_sae
 from plumbing.progress import progress
 from plumbing.rundir import claim, staged_dir

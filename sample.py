@@ -10,6 +10,7 @@ trained on (train_config.dataset, or --dataset=DIR), so it works offline. Each p
 token followed by --start, as a document starts in the token files.
 """
 
+from plumbing.entry import cli  # first: a Ctrl-C while torch loads is one line (plumbing/__init__)
 import sys
 from dataclasses import dataclass
 from typing import Optional
@@ -18,7 +19,6 @@ import torch
 
 from model import load_run
 from plumbing.configuration import ConfigError, autocast_for, is_device, parse_config, read_text, spec, validate
-from plumbing.entry import cli
 from plumbing.memory import check_sampling
 from plumbing.progress import forward_progress
 from plumbing.tokens import load_tokenizer

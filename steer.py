@@ -36,6 +36,7 @@ Site groups: all, mlp, attn and each layer alone; with --state_codes (analyze.py
 state code alone, forced at the last position of the context, in its MLP codebook. (topics.py steers text.)
 """
 
+from plumbing.entry import cli  # first: a Ctrl-C while torch loads is one line (plumbing/__init__)
 import json
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -49,7 +50,6 @@ from evaluate import evaluate_fsm, evaluate_lm
 from fsm import TokFSM
 from model import load_run
 from plumbing.configuration import ConfigError, is_device, is_digits, parse_config, spec, split_list, validate
-from plumbing.entry import cli
 from plumbing.files import atomic_write
 from plumbing.memory import check_steering
 from plumbing.progress import progress

@@ -24,6 +24,7 @@ Outputs in save_dir (default <out_dir>/topics, replaced as a whole when complete
 (rates and samples).
 """
 
+from plumbing.entry import cli  # first: a Ctrl-C while torch loads is one line (plumbing/__init__)
 import json
 import os
 import re
@@ -37,7 +38,6 @@ import torch.nn.functional as F
 from analyze import collect_codes, precision_recall, regex_mask
 from model import load_run
 from plumbing.configuration import ConfigError, is_device, is_out_dir, parse_config, spec, split_list, validate
-from plumbing.entry import cli
 from plumbing.files import read_json
 from plumbing.memory import check_topics
 from plumbing.progress import progress

@@ -27,6 +27,7 @@ Ctrl-C, SIGTERM, a lost DDP rank or a full disk stops the run in one line, keepi
 (nan_policy="skip" skips non-finite steps instead).
 """
 
+from plumbing.entry import cli, uninterrupted  # first: a Ctrl-C while torch loads is one line (plumbing/__init__)
 import math
 import os
 import sys
@@ -41,13 +42,12 @@ import torch.distributed as dist
 
 import pythia
 from codebook import KMEANS_MAX_TOKENS, sync_counts
-from evaluate import evaluate_fsm, evaluate_lm
+from evaluate import codebook_summary, evaluate_fsm, evaluate_lm
 from fsm import TokFSM
 from model import GPT, GPTConfig
 from plumbing.configuration import (ConfigError, autocast_for, build, is_device, is_out_dir, parse_args,
-                                    resume_config, spec, split_config, validate)
-from plumbing.ddp import AllFinite, join_process_group, rank_device
-from plumbing.entry import cli, uninterrupted
+                                    resume_config, spec, split_config, torchrun_ranks, validate)
+from plumbing.ddp import AllFinite, every_parameter_used, join_process_group, rank_device
 from plumbing.memory import check_training
 from plumbing.progress import eta
 from plumbing.rundir import (DirLock, EarlyStop, RunLog, claim, close_run, load_checkpoint, load_state,
@@ -158,6 +158,7 @@ def switch_codebooks_on(run, it):
     """The end of the warm start: quantize from now on. With kmeans_init, one no-grad forward over this step's
     micro-batches (up to KMEANS_MAX_TOKENS over all ranks) sets each codebook's codes by k-means on its input,
     layer by layer, each codebook initialised before it quantizes for the next; every rank's activations count."""
+    run.model = every_parameter_used(run.model) if run.ddp else run.model  # DDP: no more unused parameters
     for cb in run.codebooks:
         cb.bypass = False
         if run.cfg.kmeans_init:
@@ -214,13 +215,13 @@ def evaluate(run, it):
         m = evaluate_fsm(run.raw_model, run.fsm, run.eval_x, run.eval_y, run.cfg.eval_samples, run.cfg.seed,
                          run.autocast)
         print(f"eval {it}: loss {m['loss']:.4f}, acc {m['acc']:.4f}, valid-transition {m['valid']:.4f}, "
-              f"first {m['first']:.4f}, valid mass {m['valid_mass']:.4f}, dead codes {m['dead_pct']:.1f}%, "
-              f"FVU {m['fvu']:.3f}, loss recovered {m['recovered']:.3f}")
+              f"first {m['first']:.4f}, valid mass {m['valid_mass']:.4f}, "
+              f"{codebook_summary(m, run.codebooks, run.cfg.codebook_start)}")
     else:
         m = evaluate_lm(run.raw_model, run.val_data, run.eval_ix, run.micro, run.autocast)
         print(f"eval {it}: loss {m['loss']:.4f}, acc {m['acc']:.4f}, ppl {m['ppl']:.2f}, dloss {m['dloss']:+.4f} "
-              f"(without codebooks {m['loss_nocb']:.4f}), dead codes {m['dead_pct']:.1f}%, FVU {m['fvu']:.3f}, "
-              f"loss recovered {m['recovered']:.3f}")
+              f"(without codebooks {m['loss_nocb']:.4f}), "
+              f"{codebook_summary(m, run.codebooks, run.cfg.codebook_start)}")
     run.log.write({"iter": it, "eval": m, "elapsed_s": run.train_time})
     return m
 
@@ -340,8 +341,8 @@ def setup(argv):
     """Everything a run needs, as a namespace: configs, data, model, optimizer, the owned out_dir and its log.
     Whatever can fail on bad input fails here, before the process group exists, so that each rank stops with
     its one-line error instead of leaving the others waiting in a collective."""
-    ddp = int(os.environ.get("RANK", -1)) != -1  # DDP, as nanoGPT: one process per device, rank 0 logs and saves
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    rank, world = torchrun_ranks()  # torchrun's environment, checked; (None, 1) without it
+    ddp, rank = rank is not None, rank or 0  # DDP, as nanoGPT: one process per device, rank 0 logs and saves
     cfg, gcfg, ckpt = configure(argv, world)
     run = SimpleNamespace(cfg=cfg, rank=rank, world=world, ddp=ddp, block_size=gcfg.block_size, fsm=None,
                           micro=cfg.batch_size // (world * cfg.gradient_accumulation_steps), resumed=ckpt is not None,

@@ -59,8 +59,6 @@ import zipfile
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
 from plumbing.configuration import (ConfigError, check_help, is_out_dir, parse_args, read_text, spec,  # noqa: E402
                                     validate)
@@ -69,6 +67,7 @@ from plumbing.files import atomic_write  # noqa: E402
 from plumbing.progress import progress  # noqa: E402
 from plumbing.rundir import claim, mark, staged_dir  # noqa: E402
 from plumbing.tokens import EOT, GPT2_SHA256, load_codec  # noqa: E402
+import numpy as np  # noqa: E402  (after plumbing: a Ctrl-C while it loads is one line)
 
 GPT2_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
 NEOX_REPO = "EleutherAI/pythia-70m"  # every Pythia ships the same GPT-NeoX-20B tokenizer.json

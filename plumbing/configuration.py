@@ -9,7 +9,9 @@ exec). This module owns:
   closest valid one, a flag given twice is an error; `--help` / `-h` prints the usage part of the entry point's
   docstring and every option with its type, default, valid values and meaning, grouped as the dataclass groups
   them (`help_text`, read from the dataclass source, so it cannot drift from the fields);
-- errors: ConfigError (entry.py's `cli` says one as a single `error: ...` line) and HelpRequested.
+- errors: ConfigError (entry.py's `cli` says one as a single `error: ...` line) and HelpRequested;
+- environment variables: each one the project reads declares its valid values once (`ENVIRONMENT`), read through
+  `environment`; torchrun's are checked together (`torchrun_ranks`), by `cli` before any entry point runs.
 
 It imports no other module of this project.
 """
@@ -186,6 +188,71 @@ def is_out_dir(path):
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"cannot be created or written ({parent} is not a writable directory): choose a writable place"
     return None
+
+# ---------------------------------------------------------------------------------------------- environment
+def _integer(lo, hi=None):
+    def parse(text):
+        value = int(text) if is_digits(text) else None
+        return value if value is not None and value >= lo and (hi is None or value <= hi) else None
+    return parse
+
+
+def _bytes(text):
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+# every environment variable the project reads: (its valid values in words, an example, text -> value or None)
+ENVIRONMENT = {
+    "RANK": ("an integer >= 0, below WORLD_SIZE", "0", _integer(0)),  # torchrun sets these six
+    "WORLD_SIZE": ("an integer >= 1", "1", _integer(1)),
+    "LOCAL_RANK": ("an integer >= 0, below LOCAL_WORLD_SIZE", "0", _integer(0)),
+    "LOCAL_WORLD_SIZE": ("an integer >= 1, at most WORLD_SIZE", "1", _integer(1)),
+    "MASTER_ADDR": ("a host name or address", "localhost", lambda t: t if t and not any(c.isspace() for c in t)
+                    else None),
+    "MASTER_PORT": ("a port number in [1, 65535]", "29500", _integer(1, 65535)),
+    "CODEBOOK_MEMORY_LIMIT": ("a finite number of bytes > 0", "8e9", _bytes),  # memory.py's limit
+    "CODEBOOK_PROGRESS": ("0 or 1", "1", lambda t: {"0": False, "1": True}.get(t)),  # progress bars off or on
+}
+TORCHRUN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def environment(name, default=None):
+    """The value of the environment variable `name` (one of ENVIRONMENT), parsed, or `default` where it is unset or
+    empty. Raises ConfigError naming the variable, its valid values and the fix."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    valid, example, parse = ENVIRONMENT[name]
+    value = parse(text)
+    if value is None:
+        launched = " (torchrun sets it: launch with torchrun, not by hand)" if name in TORCHRUN else ""
+        raise ConfigError(f"the environment variable {name}={text!r} is not {valid}: set it to e.g. {example}, or "
+                          f"unset it{launched}")
+    return value
+
+
+def torchrun_ranks():
+    """(RANK, WORLD_SIZE) of a process that torchrun started, or (None, 1) where RANK is unset. Checks every variable
+    of ENVIRONMENT, torchrun's as a whole: all set together, each rank below its size. Raises ConfigError."""
+    values = {name: environment(name) for name in ENVIRONMENT}
+    given = [name for name in TORCHRUN if values[name] is not None]
+    if values["RANK"] is None and not ({"WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"} & set(given)):
+        return None, 1
+    if len(given) < len(TORCHRUN):
+        missing = ", ".join(n for n in TORCHRUN if n not in given)
+        raise ConfigError(f"the environment sets {', '.join(given)} but not {missing}: torchrun sets them all; "
+                          f"unset {', '.join(given)} to run one process, or launch with torchrun")
+    for rank, size in (("RANK", "WORLD_SIZE"), ("LOCAL_RANK", "LOCAL_WORLD_SIZE"), ("LOCAL_WORLD_SIZE", "WORLD_SIZE")):
+        if values[rank] >= values[size] + (rank == "LOCAL_WORLD_SIZE"):
+            below = "at most" if rank == "LOCAL_WORLD_SIZE" else "below"
+            raise ConfigError(f"the environment variable {rank}={values[rank]} is not {below} {size}={values[size]}: "
+                              "launch with torchrun, which sets them together, not by hand")
+    return values["RANK"], values["WORLD_SIZE"]
+
 
 # ---------------------------------------------------------------------------------------------- presets and flags
 def load_preset(path):

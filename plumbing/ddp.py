@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from plumbing.configuration import device_of
+from plumbing.configuration import device_of, environment
 from plumbing.files import pid_alive
 
 
@@ -58,7 +58,7 @@ def rank_device(name, ddp):
     of its LOCAL_RANK, made the current one."""
     device = device_of(name)
     if ddp and device.startswith("cuda"):
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        device = f"cuda:{environment('LOCAL_RANK', 0)}"
         torch.cuda.set_device(device)
     return device
 
@@ -75,6 +75,19 @@ def join_process_group(model, device, find_unused):
     peers = [None] * dist.get_world_size()
     dist.all_gather_object(peers, (socket.gethostname(), os.getpid()))
     return model, peers
+
+
+def every_parameter_used(model):
+    """The DDP `model` (join_process_group) wrapped again without find_unused_parameters, for the rest of a run in
+    which every parameter gets a gradient (the codebooks switched on): the search for unused parameters costs a
+    traversal of the autograd graph every step, and torch warns on every rank that it found none. The old wrapper
+    is dropped (its gradient hooks go with it); the new one checks that the ranks' parameters agree."""
+    if not model.find_unused_parameters:
+        return model
+    ids = model.device_ids
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*broadcast_buffers", FutureWarning)
+        return DDP(model.module, device_ids=ids, broadcast_buffers=False, find_unused_parameters=False)
 
 
 def lost_peer(exc, peers, wait_s=2.0):

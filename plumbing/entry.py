@@ -4,6 +4,8 @@ line and an exit status, never a traceback:
 
 - a ConfigError (bad input), a non-finite loss, a run Stopped by its surroundings (a lost DDP peer, a full disk) or
   an OS error: one `error: ...` line; `-h` / `--help`: the entry point's help (configuration.help_text), status 0;
+- a closed pipe on stdout or stderr (`| head`) silences the rest of the output, never the work (QuietPipe); a bad
+  environment variable is a ConfigError like a bad flag (configuration.ENVIRONMENT);
 - SIGINT and SIGTERM raise Interrupted: one line, status 130 or 143; `uninterrupted` holds them while a checkpoint
   and its log are written together, `hold_signals` while a run stops;
 - `require`: an optional package imported with a ConfigError naming what to install.
@@ -19,7 +21,7 @@ import sys
 import threading
 import time
 
-from plumbing.configuration import ConfigError, HelpRequested, help_text
+from plumbing.configuration import ConfigError, HelpRequested, environment, help_text, torchrun_ranks
 
 
 class Stopped(RuntimeError):
@@ -90,7 +92,10 @@ def cli(main, argv=None):
     main_thread = threading.current_thread() is threading.main_thread()
     old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     _SIGNALS.update(hold=0, held=None)
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = QuietPipe(sys.stdout), QuietPipe(sys.stderr)
     try:
+        torchrun_ranks()  # every environment variable the project reads, checked like a flag
         return main(sys.argv[1:] if argv is None else argv)
     except BaseException as e:
         hold_signals()  # from here on a signal could only replace the line by a traceback
@@ -98,7 +103,45 @@ def cli(main, argv=None):
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        sys.stdout, sys.stderr = streams
     sys.exit(status)
+
+
+class QuietPipe:
+    """sys.stdout or sys.stderr as `cli` runs an entry point: when its reader has gone (`python analyze.py | head`,
+    a BrokenPipeError), its file descriptor is pointed at /dev/null, so that what is still printed goes nowhere
+    instead of stopping the process: the work and its outputs go on, and it ends without a word."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._closed()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._closed()
+        except ValueError:  # closed by its owner
+            pass
+
+    def _closed(self):
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self.stream.fileno())
+            os.close(null)
+        except (OSError, ValueError, AttributeError):  # no file descriptor (a test's capture): nothing to silence
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 def _ending(e, main):
@@ -118,7 +161,11 @@ def _ending(e, main):
         msg = f"error: {e.filename or 'a file'}: {e.strerror or e}: check the path and free space"
     else:
         raise e
-    if int(os.environ.get("LOCAL_RANK", 0)) != 0:
+    try:
+        local_rank = environment("LOCAL_RANK", 0) if torchrun_ranks()[0] is not None else 0
+    except ConfigError:  # the error being said may be this very one: said at once
+        local_rank = 0
+    if local_rank != 0:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun's SIGTERM ends this wait, silently
         time.sleep(5)

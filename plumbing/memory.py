@@ -7,16 +7,17 @@ The limit (`available`): CODEBOOK_MEMORY_LIMIT (bytes, e.g. 2e9) when set; else 
 (torch.cuda.mem_get_info), elsewhere MemAvailable of /proc/meminfo (os.sysconf without it) shared by the node's
 torchrun ranks.
 
-The estimate is simple on purpose: the bytes of the big tensors, fp32 whatever the autocast (so high by up to 2x for
-bf16 activations), int64 token ids, nothing for torch itself (its kernels' pages, about 0.1 GB on a CPU). A run needs
-what it keeps (weights, optimizer, eval sets, collected codes) plus its largest phase (a training step, an
-evaluation, sampling), each a sum of terms. With C = n_embd, H = the MLP's width, V = vocab_size, T = block_size,
-L = n_layer, and for each codebook G groups of M codes:
+The estimate is simple on purpose: the bytes of the big tensors, fp32 (a training run under bf16 autocast: its
+layers' activations in bf16, 2 bytes; its logits, weights and optimizer in fp32), int64 token ids, nothing for
+torch itself (its kernels' pages, about 0.1 GB on a CPU). A run needs what it keeps (weights, optimizer, eval
+sets, collected codes) plus its largest phase (a training step, an evaluation, sampling), each a sum of terms.
+With C = n_embd, H = the MLP's width, V = vocab_size, T = block_size, L = n_layer, and for each codebook G groups
+of M codes:
 - weights: P = V C (twice untied) + T C (learned positions) + L (4 C^2 + 2 C H + 9 C + H) + M C per codebook; 4 P
   bytes, 16 P to train (gradients and AdamW's two moments); each codebook adds 3 G M int64 counters;
-- activations of a training forward over N tokens, kept for the backward: N (L (12 C + 2 H) + 3 C per codebook
-  + 3 V) x 4 bytes; without gradients the live ones of one layer, N (6 C + 2 H + 3 V) x 4; and the codes each
-  codebook chose last, N G k x 8;
+- activations of a training forward over N tokens, kept for the backward: N (L (12 C + 2 H) + 3 C per codebook) x
+  2 or 4 bytes (the autocast's dtype) + 3 N V x 4; without gradients the live ones of one layer,
+  N (6 C + 2 H + 3 V) x 4; and the codes each codebook chose last, N G k x 8;
 - codebook scores while a codebook scores N tokens (codebook.topk_codes): a normalised copy of its codes and one
   chunk of scores, (M C + G min(N, rows per chunk) M) x 4, for the largest codebook;
 - sampling n sequences: the key/value cache n (L + 1) 2 T C x 4, the token array (twice while it grows), a one-token
@@ -32,7 +33,7 @@ import dataclasses
 import math
 import os
 
-from plumbing.configuration import ConfigError, device_of, split_list
+from plumbing.configuration import ConfigError, device_of, environment, split_list
 
 F32, I64 = 4, 8
 KMEANS_MAX_TOKENS = 65_536  # codebook.py's bound on the rows of k-means (tests/test_memory.py checks they agree)
@@ -41,14 +42,10 @@ KMEANS_MAX_TOKENS = 65_536  # codebook.py's bound on the rows of k-means (tests/
 # ---------------------------------------------------------------------------------------------- the limit, the check
 def available(device="cpu"):
     """Bytes this process may still allocate on `device` (module docstring). Raises ConfigError for a
-    CODEBOOK_MEMORY_LIMIT that is not a number of bytes."""
-    limit = os.environ.get("CODEBOOK_MEMORY_LIMIT", "").strip()
-    if limit:
-        try:
-            return float(limit)
-        except ValueError:
-            raise ConfigError(f"CODEBOOK_MEMORY_LIMIT={limit!r} is not a number of bytes: set it to e.g. 8e9, "
-                              "or unset it") from None
+    CODEBOOK_MEMORY_LIMIT that is not a finite number of bytes > 0 (configuration.ENVIRONMENT)."""
+    limit = environment("CODEBOOK_MEMORY_LIMIT")
+    if limit is not None:
+        return limit
     device = device_of(str(device))
     if device.startswith("cuda"):
         import torch
@@ -59,7 +56,7 @@ def available(device="cpu"):
             free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return float(free) / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return float(free) / environment("LOCAL_WORLD_SIZE", 1)
 
 
 def size(n):
@@ -94,15 +91,17 @@ def fit(estimate, v, key, bound, limit):
     return good
 
 
-def check(estimate, v, options, device, usual=None):
+def check(estimate, v, options, device, usual=None, first=None):
     """Raise ConfigError when estimate(v) needs more than `available(device)`: one line with the estimate and its
-    largest terms, the limit, and the options that alone would make it fit, each with the value that would: those
-    set beyond their `usual` value (the default) if any of them can, else any; options to lower first, the
-    smallest change first. Returns the estimated bytes.
+    largest terms, the limit, the options that alone would make it fit, each with the value that would, and the
+    CODEBOOK_MEMORY_LIMIT override. The options: those of `first` that can (each a change that keeps the recipe),
+    then those set beyond their `usual` value (the default) if any of them can, else any; options to lower first,
+    the smallest change first. Returns the estimated bytes.
 
     estimate: v -> ({kept term: bytes}, [{phase term: bytes}, ...]). v: the configuration, {name: value}.
     options: {option: bound}, the size options of the entry point, each with the value that needs the least memory
-    (below the current one: "lower", above it: "raise"). usual: {option: default value}."""
+    (below the current one: "lower", above it: "raise"). usual: {option: default value}. first: {option: (why, the
+    values it may take, in order)}, offered before any other."""
     limit = available(device)
     total, terms = need(estimate, v)
     if total <= limit:
@@ -114,9 +113,13 @@ def check(estimate, v, options, device, usual=None):
     def beyond(key):  # set past its default, on the side that costs memory
         d = usual.get(key)
         return d is not None and (v[key] > d if options[key] < v[key] else v[key] < d)
-    fixes = []
+    first, fixes, kept = first or {}, [], []
+    for key, (why, values) in first.items():
+        x = next((x for x in values if need(estimate, {**v, key: x})[0] <= limit), None)
+        if x is not None and x != v.get(key):
+            kept.append(f"{'raise' if x > v[key] else 'lower'} --{key} (to {x:,}, {why})")
     for key, bound in options.items():
-        x = fit(estimate, v, key, bound, limit) if v.get(key) not in (None, bound) else None
+        x = fit(estimate, v, key, bound, limit) if key not in first and v.get(key) not in (None, bound) else None
         if x is not None:
             verb = "lower" if bound < v[key] else "raise"
             to = f"to {x}" if x == bound else f"to about {x:,}"
@@ -126,11 +129,16 @@ def check(estimate, v, options, device, usual=None):
     if fixes and not fixes[0][0]:  # options beyond their default can do it: name those only
         fixes = [f for f in fixes if not f[0]]
     culprits = [key for key in options if v.get(key) is not None and beyond(key)]
-    fix = " or ".join(f[-1] for f in fixes[:3]) or "no single option makes it fit: " + \
+    fix = " or ".join(kept + [f[-1] for f in fixes[:3 - len(kept)]]) or "no single option makes it fit: " + \
         (f"lower --{' and --'.join(culprits)}, or " if culprits else "") + "use a device with more memory"
-    where = f"CODEBOOK_MEMORY_LIMIT allows {size(limit)}" if os.environ.get("CODEBOOK_MEMORY_LIMIT", "").strip() \
-        else f"{device_of(str(device))} has {size(limit)} available"
-    raise ConfigError(f"this configuration needs about {size(total)} ({shown}) but {where}: {fix}")
+    if environment("CODEBOOK_MEMORY_LIMIT") is not None:
+        where = f"CODEBOOK_MEMORY_LIMIT allows {size(limit)}"
+    else:
+        where = f"{device_of(str(device))} has {size(limit)} available"
+    allow = f"{total:.2g}".replace("e+0", "e").replace("e+", "e")
+    raise ConfigError(f"this configuration needs about {size(total)} ({shown}) but {where}: {fix} (where the "
+                      f"estimate is too cautious, the environment variable CODEBOOK_MEMORY_LIMIT sets the limit in "
+                      f"bytes: CODEBOOK_MEMORY_LIMIT={allow} lets this run start)")
 
 
 def peak(fn, device="cpu"):
@@ -200,7 +208,7 @@ def forward(v, n, grad=False, logits=None):
     C, H, V, L = v["n_embd"], _H(v), v["vocab_size"], v["n_layer"]
     body = L * (12 * C + 2 * H) + 3 * C * books(v)[0] if grad else 6 * C + 2 * H
     indices = n * books(v)[1] * v["k"] * I64  # each codebook keeps its last (N, G, k) choices
-    return (n * body + 3 * (n if logits is None else logits) * V) * F32 + indices
+    return n * body * v.get("act_bytes", F32) + 3 * (n if logits is None else logits) * V * F32 + indices
 
 
 def scores(v, n):
@@ -307,11 +315,21 @@ def training(v):
     return kept, phases
 
 
+def divisors(n):
+    """The divisors of n >= 1, ascending."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
 def check_training(cfg, gcfg, world, device):
     """train.py's check, before its data and model exist: TrainConfig, GPTConfig, ranks, the device."""
     v = _device({**vars(cfg), **model_values(gcfg), "world": world}, device)
-    options = {**TRAIN_OPTIONS, "gradient_accumulation_steps": max(1, cfg.batch_size // world)}
-    return check(training, v, options, device, defaults(cfg, gcfg))
+    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and v["device"] == "cuda")  # configuration.autocast_for
+    v["act_bytes"] = 2 if bf16 else F32
+    per_rank = cfg.batch_size // world  # accumulation keeps the global batch, so the recipe: offered first
+    steps = [n for n in divisors(per_rank) if n > cfg.gradient_accumulation_steps]
+    first = {"gradient_accumulation_steps": ("the same batch size and recipe, in more micro-steps", steps)}
+    return check(training, v, TRAIN_OPTIONS, device, defaults(cfg, gcfg), first)
 
 
 # ---------------------------------------------------------------------------------------------- tools that read a run

@@ -6,19 +6,19 @@ loop computes and what it prints on stdout are the same with and without it.
 """
 
 import contextlib
-import os
 import sys
 import time
 
+from plumbing.configuration import environment
 from plumbing.entry import require
 
 
 def enabled():
     """Whether bars are drawn: CODEBOOK_PROGRESS=1 or 0 if set, else whether stderr is a terminal; rank 0 only."""
-    if int(os.environ.get("RANK", 0)) != 0:
+    if environment("RANK", 0) != 0:
         return False
-    flag = os.environ.get("CODEBOOK_PROGRESS", "").strip()
-    return flag == "1" if flag in ("0", "1") else sys.stderr.isatty()
+    flag = environment("CODEBOOK_PROGRESS")
+    return sys.stderr.isatty() if flag is None else flag
 
 
 def _tqdm():

@@ -21,12 +21,12 @@ import errno
 import fnmatch
 import json
 import os
-import re
 import shlex
 import shutil
 import signal
 import sys
 import time
+import zipfile
 
 import torch
 import torch.distributed as dist
@@ -34,13 +34,14 @@ import torch.distributed as dist
 from plumbing.configuration import ConfigError, is_out_dir
 from plumbing.ddp import end_process_group, lost_peer
 from plumbing.entry import Interrupted, Stopped, hold_signals, uninterrupted
-from plumbing.files import atomic_write, pid_alive, read_torch, remove_leftovers
+from plumbing.files import atomic_write, is_temporary, pid_alive, read_torch, recorded, remove_leftovers  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------- kinds
 MARKER = ".codebook-kind.json"  # {"kind", "argv", "cwd", "time", "format"}: what wrote the directory, and how
-# kind: (what it is, in words; the files it writes; the directories it writes). A directory without a marker, written
-# before markers existed, is known by them: a training run by ckpt.pt or log.jsonl (it also holds the tools' outputs),
-# any other kind when it holds one of them by name and nothing else than them.
+# kind: (what it is, in words; the files it writes; the directories it writes). A directory without a marker (or
+# with a torn one), written before markers existed, is known by its files where they are in this project's own
+# format (`_evidence`): a training run by ckpt.pt or log.jsonl (it also holds the tools' outputs), any other kind
+# when it holds one of its files in that format and nothing else than its files.
 KINDS = {
     "train": ("a training run", ("ckpt.pt", "log.jsonl"), ()),
     "analysis": ("analyze.py's analysis", ("codes.pt", "stats.json", "freq.png", "browser.html", "concepts.json",
@@ -51,36 +52,105 @@ KINDS = {
                                               "tokenizer.tiktoken"), ()),
     "pythia": ("a Pythia model directory", ("config.json", "*.safetensors", "*.bin", "*.json", "*.part"), ()),
     "fsm-table": ("scripts/fsm_table.py's results table", (), ("quick", "k1", "k4", "nocb")),
+    "gpu-check": ("scripts/gpu_check.py's runs", ("table.md", "*.txt"), ("eager", "compiled", "ddp", "resumed")),
 }
-CONTAINERS = ("train", "fsm-table")  # kinds that hold other kinds' directories (a table: training runs only)
+CONTAINERS = ("train", "fsm-table", "gpu-check")  # kinds that hold other kinds' directories (tables: runs only)
+RUN_CONTAINERS = ("fsm-table", "gpu-check")  # where a new training run may lie
+STAGED = ("analysis", "topics", "sae", "dataset")  # written by staged_dir: replaced as a whole
+
+
+def _torch_file(path):
+    """Whether `path` is a torch.save zip archive (its data.pkl), read without unpickling anything."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/data.pkl") for n in z.namelist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+
+
+def _json(path, test, limit=1 << 20):
+    """Whether `path` holds JSON (its first line only, for a .jsonl) of which test(value) holds."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.readline(limit) if path.endswith(".jsonl") else f.read(limit)
+        return bool(test(json.loads(text)))
+    except (OSError, ValueError):
+        return False
+
+
+def _dict_with(*keys):
+    return lambda v: isinstance(v, dict) and all(k in v for k in keys)
+
+
+def _run_log(v):
+    return isinstance(v, dict) and v.get("iter") == 0 and "run" in v
+
+
+# kind: {file: check}: a file that shows, by its contents, that this project wrote the directory
+_EVIDENCE = {
+    "train": {"ckpt.pt": _torch_file, "log.jsonl": lambda p: _json(p, _run_log)},
+    "analysis": {"codes.pt": _torch_file, "fsm_tables.pt": _torch_file},
+    "topics": {"topic_codes.json": lambda p: _json(p, lambda v: isinstance(v, (dict, list)))},
+    "sae": {"sae.pt": _torch_file},
+    "dataset": {"meta.json": lambda p: _json(p, _dict_with("vocab_size"))},
+    "pythia": {"config.json": lambda p: _json(p, lambda v: isinstance(v, dict) and v.get("model_type") == "gpt_neox")},
+}
+
+
+def _evidence(path, kind, names):
+    """Whether one of `names` in the directory `path` is a file of `kind` in this project's own format."""
+    return any(n in names and os.path.isfile(os.path.join(path, n)) and check(os.path.join(path, n))
+               for n, check in _EVIDENCE.get(kind, {}).items())
+
+
+def _marker(path):
+    """The kind the marker file of the directory `path` names, or None where it is missing, torn or foreign."""
+    try:
+        with open(os.path.join(path, MARKER), encoding="utf-8") as f:
+            kind = json.load(f)["kind"]
+        return kind if isinstance(kind, str) and kind else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def kind_of(path):
-    """(kind, names) of the directory `path`: the kind its marker names (else the one its files show, see KINDS),
-    "" for a directory holding anything else, None for a missing or empty one; names: its entries, the kind's
-    own first, without the marker, a lock and temporaries (`*.tmp.<pid>`, `*.old.<pid>`), which do not count."""
+    """(kind, names) of the directory `path`: "train" when it holds a run in this project's format (ckpt.pt or
+    log.jsonl: the files win over a marker that names another kind), else the kind its marker names (one this
+    version does not know included: refused by every tool), else the one its files show (KINDS, `_evidence`; a
+    torn marker is ignored); "" for a directory holding anything else, None for a missing or empty one. names: its
+    entries, the kind's own first, without the marker file, a lock and this project's temporaries
+    (files.TEMPORARY), which do not count (a marker that is not a file does: it is not this project's)."""
     try:
         names = os.listdir(path)
     except OSError:
         return None, []
-    rest = [n for n in names if n not in (MARKER, ".lock") and not re.search(r"\.(tmp|old)\.\d+$", n)]
-    if MARKER in names:
-        try:
-            with open(os.path.join(path, MARKER), encoding="utf-8") as f:
-                kind = str(json.load(f)["kind"])
-        except (OSError, ValueError, KeyError, TypeError):
-            kind = "?"  # a torn or foreign marker: nothing of ours
+    marker = MARKER in names and os.path.isfile(os.path.join(path, MARKER))
+    rest = [n for n in names if n != ".lock" and (n != MARKER or not marker) and not is_temporary(n)]
+    marked = _marker(path) if marker else None
+    if _evidence(path, "train", rest):
+        kind = "train"
+    elif marked:
+        kind = marked
     elif not rest:  # a lock alone: a run that has just started (DirLock)
         kind = "train" if ".lock" in names else None
     else:
-        kind = next((k for k, (_, files, dirs) in KINDS.items() if _known(k, rest, files + dirs)), "")
-    own = sum(KINDS.get(kind, ("", (), ()))[1:], ())
-    return kind, sorted(rest, key=lambda n: (not any(fnmatch.fnmatch(n, p) for p in own), n))
+        kind = next((k for k, (_, files, dirs) in KINDS.items() if _known(k, path, rest, files + dirs)), "")
+    return kind, sorted(rest, key=lambda n: (not _own(kind, n), n))
 
 
-def _known(kind, names, own):
+def _own(kind, name):
+    """Whether `name` is one of the files or directories that `kind` writes."""
+    return any(fnmatch.fnmatch(name, p) for p in sum(KINDS.get(kind, ("", (), ()))[1:], ()))
+
+
+def _known(kind, path, names, own):
     named = bool(set(names) & set(own))  # one of its names itself, not only a pattern's match
-    return named and (kind == "train" or all(any(fnmatch.fnmatch(n, p) for p in own) for n in names))
+    if kind == "fsm-table":  # its rows, each a training run
+        return named and all(n in own and kind_of(os.path.join(path, n))[0] == "train" for n in names)
+    if kind == "gpu-check":  # known by its marker only
+        return False
+    return named and _evidence(path, kind, names) and \
+        (kind == "train" or all(any(fnmatch.fnmatch(n, p) for p in own) for n in names))
 
 
 def _what(kind):
@@ -106,9 +176,14 @@ def dir_problem(path, kind):
         if os.path.lexists(p) and os.path.isdir(p) != (name in dirs):
             want, got = ("directory", "file") if name in dirs else ("file", "directory")
             return f"holds {name} as a {got}, where {what} keeps a {want}: move it away, or choose another directory"
+    foreign = [n for n in names if not _own(kind, n)] if there == kind and kind in STAGED else []
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        return f"holds {shown}, which {what} does not write and replacing it would delete: move them out, or " \
+            "choose another directory"
     if there == kind:  # written before: where it lies was checked then (or it predates the check)
         return None
-    return _inside(os.path.dirname(os.path.abspath(path)), ("fsm-table",) if kind == "train" else CONTAINERS)
+    return _inside(os.path.dirname(os.path.abspath(path)), RUN_CONTAINERS if kind == "train" else CONTAINERS)
 
 
 def _inside(up, allowed):
@@ -147,7 +222,10 @@ def claim(path, kind, flag):
 
 
 def mark(path, kind):
-    """Write the marker of the directory `path`: its kind, the command that wrote it, when (atomically)."""
+    """Write the marker of the directory `path`: its kind, the command that wrote it, when (atomically). Where
+    something not a file holds its name, it is left alone: the directory stays known by its files."""
+    if os.path.lexists(os.path.join(path, MARKER)) and not os.path.isfile(os.path.join(path, MARKER)):
+        return
     with atomic_write(os.path.join(path, MARKER)) as f:
         json.dump({"kind": kind, "argv": sys.argv, "cwd": os.getcwd(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                    "format": 1}, f)
@@ -155,30 +233,33 @@ def mark(path, kind):
 
 @contextlib.contextmanager
 def staged_dir(path, kind):
-    """Yield a fresh `path.tmp.<pid>` directory; when the block completes, it gets the marker of `kind` and replaces
-    `path` as a whole. On an error it is removed and `path` stays as it was: a half-written result never looks like
-    a finished one. Raises ConfigError before the block when `kind` may not write `path` (claim) or it cannot be
-    created. Leftovers of a killed run of a tool (`path.tmp.<pid>`, `path.old.<pid>`) are removed first."""
+    """Yield a fresh temporary directory beside `path` (files.recorded); when the block completes, it gets the
+    marker of `kind` and replaces `path` as a whole. On an error it is removed and `path` stays as it was: a
+    half-written result never looks like a finished one. Raises ConfigError before the block when `kind` may not
+    write `path` (claim: a directory of another kind, or one holding files `kind` does not write) or it cannot be
+    created, and after it, leaving `path` as it was, when such files appeared there meanwhile. Leftovers of a
+    killed run of a tool are cleaned up first (files.remove_leftovers)."""
     path = os.path.normpath(path)
+    remove_leftovers(path)  # first: it may put back the output itself
     claim(path, kind, "output directory")
-    remove_leftovers(path)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        os.makedirs(tmp)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     except OSError as e:
         raise ConfigError(f"{path} cannot be written ({e.strerror}): choose a writable place") from None
-    try:
-        yield tmp
-        mark(tmp, kind)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = f"{path}.old.{os.getpid()}"
-    if os.path.exists(path):
-        os.rename(path, old)
-    os.rename(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    with recorded(path) as names:
+        tmp, old = names["tmp"], names["old"]
+        os.makedirs(tmp)
+        try:
+            yield tmp
+            mark(tmp, kind)
+            claim(path, kind, "output directory")  # again: nothing of a user's may have come in meanwhile
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if os.path.exists(path):
+            os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 class DirLock:

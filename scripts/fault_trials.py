@@ -84,7 +84,7 @@ def wait_for_checkpoint(proc, out):
 
 def kill_run(out, mode, rng, span):
     """Start a run in `out` and SIGKILL it. Returns (seconds after start, whether it had already finished)."""
-    tmp_pattern = os.path.join(out, "ckpt.pt.tmp.*")
+    tmp_pattern = os.path.join(out, ".ckpt.pt.codebook-tmp-*")
     proc = start(out)
     t0 = time.time()
     if mode == "write":  # the n-th checkpoint write (n >= 2), a few ms after its temporary file appears
@@ -114,7 +114,7 @@ def trial(i, root, reference, span, seed):
     out = os.path.join(root, f"trial{i:02d}")
     killed_at, finished = kill_run(out, mode, rng, span)
     row = {"trial": i, "mode": mode, "killed_s": killed_at, "finished": finished,
-           "in_write": bool(glob.glob(os.path.join(out, "ckpt.pt.tmp.*"))), "ckpt_iter": None,
+           "in_write": bool(glob.glob(os.path.join(out, ".ckpt.pt.codebook-tmp-*"))), "ckpt_iter": None,
            "loadable": False, "resumed": False, "exact": False, "log_ok": False}
     try:
         ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
@@ -129,7 +129,7 @@ def trial(i, root, reference, span, seed):
         row["why"] = r.stderr.strip().splitlines()[-1:] or ["exit status %d" % r.returncode]
         return row
     final = load_checkpoint(os.path.join(out, "ckpt.pt"))
-    row["resumed"] = final["iter_num"] == MAX_ITERS and not glob.glob(os.path.join(out, "ckpt.pt.tmp.*"))
+    row["resumed"] = final["iter_num"] == MAX_ITERS and not glob.glob(os.path.join(out, ".ckpt.pt.codebook-tmp-*"))
     row["exact"] = all(same_state(final[k], reference[k]) for k in ("model", "optimizer", "iter_num"))
     row["log_ok"] = log_ok(os.path.join(out, "log.jsonl"))
     return row

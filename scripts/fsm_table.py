@@ -8,8 +8,9 @@ recovered, wall time) and the machine it ran on.
 
 Each row is `python train.py <arguments> --out_dir=<out>/<row>`, timed as a whole process (evaluations included):
 the quick row is the default recipe (no arguments), the others start from config/laptop.py, the slower 98 % recipe.
-A row whose directory already holds a finished run is read from its log instead of trained again (its wall time
-is then the one recorded in the log, marked *); delete the directory to train it again. A row directory that holds
+A row whose directory already holds its finished run (every setting the row's, iterations included) is read from its
+log instead of trained again (its wall time is then the one recorded in the log, marked *); delete the directory to
+train it again. A row directory that holds
 anything else (a run of another configuration, a user's files) is refused, before any row is trained. The runs stay
 in --out for analyze.py, steer.py and sae.py (sae.py reads the no-codebook row).
 """
@@ -25,10 +26,10 @@ from dataclasses import dataclass, fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from plumbing.entry import cli  # noqa: E402  (first: a Ctrl-C while torch loads is one line)
 from model import GPTConfig  # noqa: E402
 from plumbing.configuration import (ConfigError, is_out_dir, load_preset, parse_config, spec, split_list,  # noqa: E402
                                     validate)
-from plumbing.entry import cli  # noqa: E402
 from plumbing.progress import progress  # noqa: E402
 from plumbing.rundir import claim, dir_problem, load_checkpoint, mark  # noqa: E402
 
@@ -63,14 +64,24 @@ def last_eval(out):
     return evals[-1] if done else None
 
 
-def row_problem(args, path):
-    """None if the directory `path` may hold the row `python train.py *args`: it is new or empty, or holds a run
-    whose checkpoint has the row's settings (its preset's and flags', and the model's defaults otherwise); else the
-    problem, in words."""
-    problem = dir_problem(path, "train")
-    if problem or not os.path.isfile(os.path.join(path, "ckpt.pt")):
-        return problem
-    want = {f.name: f.default for f in fields(GPTConfig)}
+def train_defaults():
+    """{field: default} of train.py's TrainConfig, read from its source with ast (no entry point imports train.py):
+    `name: type = value` or `name: type = spec(value, ...)`."""
+    with open(os.path.join(ROOT, "train.py"), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TrainConfig")
+    out = {}
+    for node in cls.body:
+        if isinstance(node, ast.AnnAssign) and node.value is not None:
+            v = node.value
+            out[node.target.id] = ast.literal_eval(v.args[0] if isinstance(v, ast.Call) else v)
+    return out
+
+
+def row_config(args):
+    """Every setting of the row `python train.py *args`: TrainConfig's and GPTConfig's defaults, then its preset's
+    and flags' values; the model's settings first."""
+    want = {**{f.name: f.default for f in fields(GPTConfig)}, **train_defaults()}
     for a in args:
         if a.startswith("--"):
             key, value = a[2:].split("=", 1)
@@ -80,12 +91,23 @@ def row_problem(args, path):
                 want[key] = value
         else:
             want.update(load_preset(os.path.join(ROOT, a)))
+    return want
+
+
+def row_problem(args, path):
+    """None if the directory `path` may hold the row `python train.py *args`: it is new or empty, or holds a run
+    whose checkpoint has every setting of the row (`row_config`, max_iters included: a shorter run of the same
+    model is not the row; where it runs and where it is written may differ); else the problem, in words."""
+    problem = dir_problem(path, "train")
+    if problem or not os.path.isfile(os.path.join(path, "ckpt.pt")):
+        return problem
     try:
         ckpt = load_checkpoint(os.path.join(path, "ckpt.pt"))
     except ConfigError:
         return None  # a torn checkpoint: the row is trained again
     have = {**ckpt["train_config"], **ckpt["model_config"]}
-    differ = [f"{k}={have[k]!r}, not {v!r}" for k, v in want.items() if k != "out_dir" and k in have and have[k] != v]
+    differ = [f"{k}={have[k]!r}, not {v!r}" for k, v in row_config(args).items()
+              if k not in ("out_dir", "init_from", "overwrite", "device", "compile") and k in have and have[k] != v]
     return f"holds a run of another configuration ({'; '.join(differ[:3])}): delete it to train the row again, " \
         "or choose another --out" if differ else None
 

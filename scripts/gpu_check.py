@@ -7,7 +7,8 @@ one either (only its CPU path, which tests/test_gpu_check.py runs).
     python scripts/gpu_check.py --steps=200 --out=/tmp/gpu-check
     python scripts/gpu_check.py --device=cpu --tiny=true --steps=6 --bench=generate   # the CPU path (gloo)
 
-Each step is a subprocess of this repository's own commands, in its own directory under --out:
+Each step is a subprocess of this repository's own commands, in its own directory under --out (a new or empty
+directory, or one this script wrote: anything else is refused before the first run):
 1. eager:    python train.py config/fsm.py --device=DEV --dtype=bfloat16 --max_iters=STEPS (bf16 autocast)
 2. compiled: the same with --compile=true
 3. ddp:      torchrun --standalone --nproc_per_node=1 train.py ... (nccl on CUDA, gloo on CPU), STEPS steps
@@ -112,12 +113,31 @@ def compare(a_path, b_path):
     return f"no: {len(diff)} of {len(pairs)} tensors differ, the most {name} by {worst:.3g}"
 
 
+def claim_out(out):
+    """Make --out this script's marked directory of runs, after checking, before any run, that it may be (a new or
+    empty directory, or one this script wrote) and that each run's directory may be written (rundir.claim)."""
+    from plumbing.configuration import ConfigError
+    from plumbing.rundir import claim, mark
+
+    try:
+        claim(out, "gpu-check", "--out")
+        for name in ("eager", "compiled", "ddp", "resumed"):
+            claim(os.path.join(out, name), "train", f"--out/{name}")
+        os.makedirs(out, exist_ok=True)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: --out={out!r} cannot be created ({e.strerror}): choose a writable place")
+    mark(out, "gpu-check")
+
+
 def main(argv=None):
     args = parse(sys.argv[1:] if argv is None else argv)
-    os.makedirs(args.out, exist_ok=True)
-    out = os.path.abspath(args.out)
     sys.path.insert(0, ROOT)
+    claim_out(args.out)
+    out = os.path.abspath(args.out)
     from plumbing.configuration import load_preset
+    from plumbing.files import atomic_write
 
     preset = load_preset(os.path.join(ROOT, "config", "fsm.py"))
     sizes = {**preset, **dict(a[2:].split("=") for a in TINY)} if args.tiny == "true" else preset
@@ -155,10 +175,13 @@ def main(argv=None):
         _, text = run("bench", bench, out)
         lines += ["", f"`{' '.join(['python', *bench[1:]])}`:", "", "```", text.strip(), "```"]
     table = "\n".join(lines)
-    with open(os.path.join(out, "table.md"), "w", encoding="utf-8") as f:
+    with atomic_write(os.path.join(out, "table.md")) as f:
         f.write(table + "\n")
     print("\n" + table)
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, ROOT)
+    from plumbing.entry import cli  # an interrupt or a closed pipe: one line, as every entry point
+
+    cli(main)

@@ -159,13 +159,13 @@ def test_staged_dir_keeps_the_earlier_result_on_error(tmp_path):
     no staging directory behind; a completed block replaces `path` as a whole, with the marker of its kind."""
     out = tmp_path / "data"
     out.mkdir()
-    (out / "meta.json").write_text("old")  # a dataset written before markers existed
+    (out / "meta.json").write_text('{"vocab_size": 64}')  # a dataset written before markers existed
     with pytest.raises(ConfigError):
         with staged_dir(str(out), "dataset") as tmp:
             open(os.path.join(tmp, "meta.json"), "w").write("half")
             raise ConfigError("a failure half way")
     assert os.listdir(tmp_path) == ["data"] and os.listdir(out) == ["meta.json"]
-    assert (out / "meta.json").read_text() == "old"
+    assert (out / "meta.json").read_text() == '{"vocab_size": 64}'
     with staged_dir(str(out), "dataset") as tmp:
         open(os.path.join(tmp, "train.bin"), "wb").write(b"new")
     assert os.listdir(tmp_path) == ["data"] and sorted(os.listdir(out)) == [MARKER, "train.bin"]

@@ -12,6 +12,7 @@ import sys
 from unittest import mock
 
 import pytest
+import torch
 from conftest import ROOT, write_tokens
 
 import analyze
@@ -22,7 +23,7 @@ import train
 from plumbing.entry import cli
 from data import prepare
 from plumbing.files import atomic_write, remove_leftovers
-from plumbing.rundir import MARKER, claim, kind_of, staged_dir
+from plumbing.rundir import MARKER, claim, kind_of, mark, staged_dir
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import fsm_table  # noqa: E402
@@ -48,8 +49,9 @@ def world(tmp_path_factory):
     os.makedirs(w / "user")
     (w / "user" / "notes.txt").write_text("my notes\n")
     os.makedirs(w / "analysis")
-    for name in ("codes.pt", "stats.json", "browser.html"):
+    for name in ("stats.json", "browser.html"):
         (w / "analysis" / name).write_text("{}")
+    torch.save({"codes": torch.zeros(2, dtype=torch.int16)}, w / "analysis" / "codes.pt")  # analyze.py's format
     (w / "afile").write_text("a file where a directory belongs\n")
     for name in ("ckpt.pt", "log.jsonl"):
         shutil.copytree(w / "run", w / f"{name}_dir")
@@ -60,6 +62,7 @@ def world(tmp_path_factory):
     shutil.copytree(w / "run", w / "table" / "quick")
     os.makedirs(w / "table_file")
     (w / "table_file" / "k1").write_text("a file where a row's directory belongs\n")
+    mark(str(w / "table_file"), "fsm-table")
     return w
 
 
@@ -167,25 +170,46 @@ def test_kinds_are_known_with_and_without_a_marker(world):
 
 
 def dead_pid():
-    return subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+
+
+def leave(folder, output, what, pid, tag="0123abcd", record=True):
+    """What a writer of `output` (process `pid`) leaves in `folder` when it is killed: a temporary (`what`: tmp or
+    old, an analysis directory) and, unless record=False, its record. Returns the temporary's name."""
+    name = f".{output}.codebook-{what}-{pid}-{tag}"
+    os.makedirs(folder / name)
+    (folder / name / "codes.pt").write_text(what)
+    mark(str(folder / name), "analysis")
+    if record:
+        start = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19] if pid == os.getpid() else None
+        (folder / f".{output}.codebook-record-{pid}-{tag}").write_text(json.dumps(
+            {"output": output, "pid": pid, "start": start}))
+    return name
 
 
 def test_leftovers_of_a_killed_tool_are_removed_by_its_next_run(tmp_path):
-    """staged_dir and atomic_write first remove the `.tmp.<pid>` / `.old.<pid>` that a killed run left beside
-    their output, when that process no longer runs; a live process's are kept. An old copy left between
-    staged_dir's two renames (the output itself gone) is put back."""
-    dead, alive = dead_pid(), os.getppid()
-    for left in (f"out.tmp.{dead}/sub", f"out.old.{dead}", f"out.tmp.{alive}"):
-        os.makedirs(tmp_path / left)
-    (tmp_path / f"s.json.tmp.{dead}").write_text("{")
+    """staged_dir and atomic_write first remove the temporaries that a killed run recorded beside their output,
+    when that process no longer runs; a live process's are kept. An old copy left between staged_dir's two renames
+    (the output itself gone) is put back. Nothing is left beside the output once it is written."""
+    dead, alive = dead_pid(), os.getpid()
+    leave(tmp_path, "out", "tmp", dead)
+    leave(tmp_path, "out", "old", dead, "0123abce")
+    kept = leave(tmp_path, "out", "tmp", alive, "0123abcf")
+    (tmp_path / f".s.json.codebook-tmp-{dead}-0123abcd").write_text("{")  # another output's: its own writer's
+    (tmp_path / f".s.json.codebook-record-{dead}-0123abcd").write_text(json.dumps({"output": "s.json", "pid": dead}))
     with staged_dir(str(tmp_path / "out"), "analysis") as d:
         (tmp_path / d / "codes.pt").write_text("new")
-    assert sorted(os.listdir(tmp_path)) == ["out", f"out.tmp.{alive}", f"s.json.tmp.{dead}"]
+    ours = sorted(n for n in os.listdir(tmp_path) if n.startswith(".out"))
+    assert ours == [f".out.codebook-record-{alive}-0123abcf", kept], ours
     assert kind_of(str(tmp_path / "out"))[0] == "analysis"
+    assert len(os.listdir(tmp_path)) == 5
     with atomic_write(str(tmp_path / "s.json")) as f:
         f.write("{}")
-    assert sorted(os.listdir(tmp_path)) == ["out", f"out.tmp.{alive}", "s.json"]
-    os.rename(tmp_path / "out", tmp_path / f"out.old.{dead}")
+    assert sorted(n for n in os.listdir(tmp_path) if "s.json" in n) == ["s.json"]
+    tag = "0123abd0"
+    os.rename(tmp_path / "out", tmp_path / f".out.codebook-old-{dead}-{tag}")
+    (tmp_path / f".out.codebook-record-{dead}-{tag}").write_text(json.dumps({"output": "out", "pid": dead}))
     remove_leftovers(str(tmp_path / "out"))
     assert (tmp_path / "out" / "codes.pt").read_text() == "new"
+    assert not (tmp_path / f".out.codebook-record-{dead}-{tag}").exists()

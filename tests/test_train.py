@@ -61,7 +61,7 @@ def test_tiny_run_writes_checkpoint_and_log(tmp_path):
     logs = [r for r in records if "loss" in r]
     assert [r["iter"] for r in logs] == [3, 6]
     assert all(abs(r["loss"] - r["ce"] - r["recon"]) < 1e-4 for r in logs)  # recon_coef = 1
-    assert not list(out.glob("*.tmp.*"))  # the atomic write left nothing behind
+    assert not list(out.glob(".*.codebook-*"))  # the atomic writes left no temporary and no record behind
 
 
 @pytest.mark.slow

@@ -30,10 +30,10 @@ we learned", gives the numbers and why):
 
     python codebook.py        # a tiny demo: fit codes to clustered data and print usage
 
-Everything the layer counts lives in registered buffers, so it is saved, loaded and moved with the
-module. Statistics are computed in fp32 whatever the autocast, and are DDP-safe: `sync_counts` all-reduces counts;
-k-means gathers every rank's activations (up to KMEANS_MAX_TOKENS) and, like dead-code replacement, is computed on
-rank 0 and broadcast.
+Everything the layer counts lives in registered buffers, so it is saved, loaded and moved with the module. Codes
+are chosen, and statistics computed, in fp32 whatever the autocast; statistics are DDP-safe: `sync_counts` all-reduces
+counts; k-means gathers every rank's activations (up to KMEANS_MAX_TOKENS) and, like dead-code replacement, is
+computed on rank 0 and broadcast.
 """
 
 import torch
@@ -134,13 +134,15 @@ class CodebookLayer(nn.Module):
         idx = torch.empty(N, G, k, dtype=torch.long, device=a.device)
         rows = self.chunk_size or (2**23 if a.device.type == "cpu" else 2**26) // self.num_codes
         step = max(1, rows // G)
-        for s in range(0, N, step):
-            # (G, n, M) scores of one chunk only; one group is a plain matmul (faster than bmm on CPU)
-            scores = torch.mm(a[0, s : s + step], c[0]).unsqueeze(0) if G == 1 else torch.bmm(a[:, s : s + step], c)
-            if self.banned is not None:  # steering: banned codes lose, the next best take their place
-                scores = scores.masked_fill(self.banned.unsqueeze(1), float("-inf"))
-            best = scores.argmax(-1, keepdim=True) if k == 1 else scores.topk(k, dim=-1).indices  # (G, n, k)
-            idx[s : s + step] = best.transpose(0, 1)  # (n, G, k)
+        # fp32 whatever the autocast (bf16 mm/bmm resolve cosines near 1 to 0.004, coarser than top-2 gaps)
+        with torch.autocast(a.device.type, enabled=False):
+            for s in range(0, N, step):
+                # (G, n, M) scores of one chunk only; one group is a plain matmul (faster than bmm on CPU)
+                scores = torch.mm(a[0, s : s + step], c[0]).unsqueeze(0) if G == 1 else torch.bmm(a[:, s : s + step], c)
+                if self.banned is not None:  # steering: banned codes lose, the next best take their place
+                    scores = scores.masked_fill(self.banned.unsqueeze(1), float("-inf"))
+                best = scores.argmax(-1, keepdim=True) if k == 1 else scores.topk(k, dim=-1).indices  # (G, n, k)
+                idx[s : s + step] = best.transpose(0, 1)  # (n, G, k)
         return idx
 
     def flat_indices(self, idx):

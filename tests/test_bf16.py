@@ -122,3 +122,15 @@ def test_trained_model_codes_are_the_fp32_codes_under_bf16(trained):
     finally:
         for _, cb in model.codebooks():
             del cb.topk_codes
+
+
+def test_bench_reports_the_choice_under_autocast(monkeypatch, capsys):
+    """bench.py's codes part (which scripts/gpu_check.py runs on a GPU): the layer's choice under bf16 autocast is
+    fp32's everywhere; the one bf16 matmul's is not, on k-means codes of clustered activations."""
+    import bench
+
+    monkeypatch.setattr(bench, "SHAPES", [("a", 3000, 16, 1, 2000, 1), ("b", 3000, 32, 2, 2000, 3)])
+    rows = bench.bench_codes(bench.BenchConfig(only="codes", repeats=1, mem=False), torch.autocast(**BF16))
+    assert [r["shape"] for r in rows] == ["a", "b"] and all(r["same"] == 1.0 for r in rows), rows
+    assert all(r["matmul_same"] < 1.0 and r["layer_ms"] > 0 and r["matmul_ms"] > 0 for r in rows), rows
+    assert "(b) N=3000 d=32=2x16 M=2000 k=3" in capsys.readouterr().out

@@ -20,7 +20,8 @@ Benchmarks for the codebook layer, a full training step and generation (nanoGPT 
 5. (--only=codes) the choice of codes under the autocast: per shape, on codes fitted by cosine k-means to clustered
    activations (their top-2 gaps are tiny, as a trained codebook's), the layer's top-k (fp32 whatever the autocast)
    against top-k of the same cosines computed by a matmul under the autocast (in bf16 with --dtype=bfloat16): the
-   time of each (alternated, median) and the share of (token, group) choices equal to fp32's without autocast.
+   time of each (alternated, median) and the share of (token, group) choices (the ordered top-k) equal to fp32's
+   without autocast.
 """
 
 import json

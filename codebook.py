@@ -17,10 +17,10 @@ it in outputs, indices and gradients.
 
 Departures from the paper's equations and recipe, each measured on the laptop TokFSM run (RESULTS.md, "What
 we learned", gives the numbers and why):
-- A learned LayerNorm before the lookup (`layernorm`; the authors' code has one too): at init raw head and MLP
-  outputs have norm ~0.3-0.5 against sqrt(d) for N(0, 1) codes; without it the run collapsed (29.7% valid
-  transitions against 96.7%). Off for language models, where it cost 0.33 nats on TinyStories and would change
-  a pretrained Pythia.
+- A learned LayerNorm before the lookup (`layernorm`; the authors' code has one per head, here a site's heads share
+  one: one per head left the quick recipe's accuracy as it was, with more dead codes, RESULTS.md): at init raw head
+  and MLP outputs have norm ~0.3-0.5 against sqrt(d) for N(0, 1) codes; without it the run collapsed (29.7% valid
+  transitions against 96.7%). Off for language models (0.33 nats on TinyStories; it would change a pretrained Pythia).
 - Codes divided by k at k-means init and dead-code replacement, so that k summed codes match an activation's
   scale (k=4: 40.5% dead codes against 52.1%).
 - A warm start (train.py `codebook_start`), then cosine k-means at the switch: from scratch k=1 runs stalled
@@ -104,7 +104,7 @@ class CodebookLayer(nn.Module):
         self.chunk_size = chunk_size
         d = dim // groups
         self.codes = nn.Parameter(torch.randn(groups, num_codes, d))
-        self.ln = nn.LayerNorm(d) if layernorm else None  # shared across the groups of one site
+        self.ln = nn.LayerNorm(d) if layernorm else None  # shared by the groups of one site (the authors': one each)
         self.register_buffer("counts", torch.zeros(groups, num_codes, dtype=torch.long))
         self.register_buffer("recent", torch.zeros(groups, num_codes, dtype=torch.long))
         self.register_buffer("pending", torch.zeros(groups, num_codes, dtype=torch.long), persistent=False)

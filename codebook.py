@@ -104,7 +104,7 @@ class CodebookLayer(nn.Module):
         self.chunk_size = chunk_size
         d = dim // groups
         self.codes = nn.Parameter(torch.randn(groups, num_codes, d))
-        self.ln = nn.LayerNorm(d) if layernorm else None  # shared by the groups of one site (the authors': one each)
+        self.ln = nn.LayerNorm(d) if layernorm else None  # shared by a site's groups (the authors': one per group)
         self.register_buffer("counts", torch.zeros(groups, num_codes, dtype=torch.long))
         self.register_buffer("recent", torch.zeros(groups, num_codes, dtype=torch.long))
         self.register_buffer("pending", torch.zeros(groups, num_codes, dtype=torch.long), persistent=False)
@@ -122,7 +122,7 @@ class CodebookLayer(nn.Module):
 
     @torch.no_grad()
     def topk_codes(self, a, k=None):
-        """Indices of the k codes with the highest cosine similarity, scored in chunks.
+        """Indices of the k codes with the highest cosine similarity, scored in chunks, in fp32 whatever the autocast.
 
         Args:
             a: (N, G, d) activations. k: defaults to self.k.

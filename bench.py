@@ -5,6 +5,7 @@ Benchmarks for the codebook layer, a full training step and generation (nanoGPT 
     python bench.py --only=layer           # the codebook layer against its floor
     python bench.py --only=step,generate --device=cuda --dtype=bfloat16
     python bench.py --only=profile         # top ops of one laptop FSM training step (torch.profiler)
+    python bench.py --only=codes --dtype=bfloat16   # codes chosen under bf16 autocast against fp32's
 
 1. The codebook layer alone, forward + backward, on the paper's sizes, against its floor: the one
    matmul no implementation can avoid, the cosine scores normalize(a) @ normalize(C).T, forward only.
@@ -16,6 +17,11 @@ Benchmarks for the codebook layer, a full training step and generation (nanoGPT 
    (if present) the `tinystories` preset, with and without codebooks.
 3. Generation tokens/s of the laptop FSM model with codebooks (key/value cache, batch 256).
 4. (--only=profile) torch.profiler's top ops of a laptop FSM training step with codebooks on.
+5. (--only=codes) the choice of codes under the autocast: per shape, on codes fitted by cosine k-means to clustered
+   activations (their top-2 gaps are tiny, as a trained codebook's), the layer's top-k (fp32 whatever the autocast)
+   against top-k of the same cosines computed by a matmul under the autocast (in bf16 with --dtype=bfloat16): the
+   time of each (alternated, median) and the share of (token, group) choices (the ordered top-k) equal to fp32's
+   without autocast.
 """
 
 from plumbing.entry import cli  # first: a Ctrl-C while torch loads is one line (plumbing/__init__)
@@ -49,7 +55,7 @@ SHAPES = [
 class BenchConfig:
     """Benchmarks. Defaults: every part but the profile, fp32 on the CPU."""
 
-    only: str = spec("layer,step,generate", each=("layer", "step", "generate", "profile"))  # parts to run
+    only: str = spec("layer,step,generate", each=("layer", "step", "generate", "profile", "codes"))  # parts to run
     device: str = spec("cpu", check=is_device)
     dtype: str = spec("float32", ("float32", "bfloat16"))  # bfloat16: autocast
     repeats: int = spec(5, "[1, 1000]")  # timed repeats per measurement (after one warm-up)
@@ -214,6 +220,40 @@ def bench_profile(cfg, autocast):
         print(f"  {e.key:<48} {100 * e.self_cpu_time_total / total:5.1f}%")
 
 
+def bench_codes(cfg, autocast):
+    """Part 5 (module docstring). Returns one dict per shape."""
+    print(f"\n5. choosing codes under the autocast ({cfg.dtype}, {cfg.device}), k-means codes on clustered "
+          "activations; 'same' = share of choices equal to fp32's without autocast")
+    print(f"{'shape':<34} {'layer ms':>9} {'same':>8} {'matmul ms':>10} {'same':>8}")
+    rows = []
+    for name, N, dim, G, M, k in SHAPES:
+        gen = torch.Generator().manual_seed(0)
+        centers = F.normalize(torch.randn(64, G, dim // G, generator=gen), dim=-1)
+        a = (centers[torch.randint(64, (N,), generator=gen)] + 0.05 * torch.randn(N, G, dim // G, generator=gen))
+        layer = CodebookLayer(dim, M, k, groups=G, layernorm=False).to(cfg.device)
+        a = a.to(cfg.device)  # (N, G, d)
+        layer.kmeans_iters = 3
+        layer.kmeans_init(a)
+        want = layer.topk_codes(a)  # (N, G, k) fp32, no autocast
+
+        def by_matmul():  # the same cosines by one matmul under the autocast, then top-k
+            c = F.normalize(layer.codes.detach(), dim=-1)  # (G, M, d)
+            scores = torch.bmm(F.normalize(a, dim=-1).transpose(0, 1), c.transpose(1, 2))  # (G, N, M)
+            return scores.topk(k, -1).indices.transpose(0, 1)  # (N, G, k)
+        with torch.no_grad(), autocast:
+            t_layer, t_mm = [], []
+            for _ in range(cfg.repeats):  # alternate, so drift hits both alike
+                t_layer.append(timeit(lambda: layer.topk_codes(a), cfg.device, 1))
+                t_mm.append(timeit(by_matmul, cfg.device, 1))
+            same_layer = (layer.topk_codes(a) == want).all(-1).float().mean().item()
+            same_mm = (by_matmul() == want).all(-1).float().mean().item()
+        tl, tm = statistics.median(t_layer), statistics.median(t_mm)
+        desc = f"({name}) N={N} d={dim}" + (f"={G}x{dim // G}" if G > 1 else "") + f" M={M} k={k}"
+        print(f"{desc:<34} {tl * 1e3:9.1f} {100 * same_layer:7.2f}% {tm * 1e3:10.1f} {100 * same_mm:7.2f}%")
+        rows.append(dict(shape=name, layer_ms=tl * 1e3, same=same_layer, matmul_ms=tm * 1e3, matmul_same=same_mm))
+    return rows
+
+
 def main(argv):
     cfg = parse_config(argv, BenchConfig)
     if cfg.mem_shape:
@@ -233,6 +273,8 @@ def main(argv):
         bench_generate(cfg, autocast)
     if "profile" in parts:
         bench_profile(cfg, autocast)
+    if "codes" in parts:
+        bench_codes(cfg, autocast)
 
 
 if __name__ == "__main__":

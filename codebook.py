@@ -8,7 +8,7 @@ An activation a (..., dim) is replaced by the sum of the k codes, rows of a lear
     idx    = topk(scores, k)                 # (N, k), no gradient through the choice
     q      = sum_i C[idx_i]                  # (N, dim)
     out    = q + a - a.detach()              # straight-through estimator: d out / d a = identity
-    loss   = lambda * MSE(q, a.detach())     # reconstruction loss, trains the codes (lambda = 1)
+    loss   = lambda * MSE(q, a.detach())     # reconstruction loss, trains the codes (lambda = recon_coef = 1)
 
 The codes also learn from the task loss through the lookup `C[idx]`. Grouped codebooks split `dim` into
 G slices, each with its own codes and its own top-k (per-head attention codebooks use G = n_head). These plain
@@ -17,23 +17,25 @@ it in outputs, indices and gradients.
 
 Departures from the paper's equations and recipe, each measured on the laptop TokFSM run (RESULTS.md, "What
 we learned", gives the numbers and why):
-- A learned LayerNorm before the lookup (`layernorm`; the authors' code has one too): at init raw head and MLP
-  outputs have norm ~0.3-0.5 against sqrt(d) for N(0, 1) codes; without it the run collapsed (29.7% valid
-  transitions against 96.7%). Off for language models, where it cost 0.33 nats on TinyStories and would change
-  a pretrained Pythia.
+- A learned LayerNorm before the lookup (`layernorm`; the authors' code has one per head, here a site's heads share
+  one: one per head left the quick recipe's accuracy as it was, with more dead codes, RESULTS.md): at init raw head
+  and MLP outputs have norm ~0.3-0.5 against sqrt(d) for N(0, 1) codes; without it the run collapsed (29.7% valid
+  transitions against 96.7%). Off for language models (0.33 nats on TinyStories; it would change a pretrained Pythia).
 - Codes divided by k at k-means init and dead-code replacement, so that k summed codes match an activation's
   scale (k=4: 40.5% dead codes against 52.1%).
 - A warm start (train.py `codebook_start`), then cosine k-means at the switch: from scratch k=1 runs stalled
   near ln 10 (10-12% valid transitions); switched on at step 150 the run reaches 98.1%.
 - A faster learning rate for the codes (train.py `codebook_lr`): +1.0 point.
 - Dead-code replacement exists but is off by default: it cost 1.2 points.
+- MSE averages over the dims too; the authors' sums them, so their lambda = 1 is lambda = d here (their scale: 94.4 %
+  valid transitions against 95.9 % on the quick recipe, 97.9 against 98.1 % on the laptop one; RESULTS.md, "Fidelity").
 
     python codebook.py        # a tiny demo: fit codes to clustered data and print usage
 
-Everything the layer counts lives in registered buffers, so it is saved, loaded and moved with the
-module. Statistics are computed in fp32 whatever the autocast, and are DDP-safe: `sync_counts` all-reduces counts;
-k-means gathers every rank's activations (up to KMEANS_MAX_TOKENS) and, like dead-code replacement, is computed on
-rank 0 and broadcast.
+Everything the layer counts lives in registered buffers, so it is saved, loaded and moved with the module. Codes
+are chosen, and statistics computed, in fp32 whatever the autocast; statistics are DDP-safe: `sync_counts` all-reduces
+counts; k-means gathers every rank's activations (up to KMEANS_MAX_TOKENS) and, like dead-code replacement, is
+computed on rank 0 and broadcast.
 """
 
 import torch
@@ -102,7 +104,7 @@ class CodebookLayer(nn.Module):
         self.chunk_size = chunk_size
         d = dim // groups
         self.codes = nn.Parameter(torch.randn(groups, num_codes, d))
-        self.ln = nn.LayerNorm(d) if layernorm else None  # shared across the groups of one site
+        self.ln = nn.LayerNorm(d) if layernorm else None  # shared by a site's groups (the authors': one per group)
         self.register_buffer("counts", torch.zeros(groups, num_codes, dtype=torch.long))
         self.register_buffer("recent", torch.zeros(groups, num_codes, dtype=torch.long))
         self.register_buffer("pending", torch.zeros(groups, num_codes, dtype=torch.long), persistent=False)
@@ -120,7 +122,7 @@ class CodebookLayer(nn.Module):
 
     @torch.no_grad()
     def topk_codes(self, a, k=None):
-        """Indices of the k codes with the highest cosine similarity, scored in chunks.
+        """Indices of the k codes with the highest cosine similarity, scored in chunks, in fp32 whatever the autocast.
 
         Args:
             a: (N, G, d) activations. k: defaults to self.k.
@@ -134,13 +136,15 @@ class CodebookLayer(nn.Module):
         idx = torch.empty(N, G, k, dtype=torch.long, device=a.device)
         rows = self.chunk_size or (2**23 if a.device.type == "cpu" else 2**26) // self.num_codes
         step = max(1, rows // G)
-        for s in range(0, N, step):
-            # (G, n, M) scores of one chunk only; one group is a plain matmul (faster than bmm on CPU)
-            scores = torch.mm(a[0, s : s + step], c[0]).unsqueeze(0) if G == 1 else torch.bmm(a[:, s : s + step], c)
-            if self.banned is not None:  # steering: banned codes lose, the next best take their place
-                scores = scores.masked_fill(self.banned.unsqueeze(1), float("-inf"))
-            best = scores.argmax(-1, keepdim=True) if k == 1 else scores.topk(k, dim=-1).indices  # (G, n, k)
-            idx[s : s + step] = best.transpose(0, 1)  # (n, G, k)
+        # fp32 whatever the autocast (bf16 mm/bmm resolve cosines near 1 to 0.004, coarser than top-2 gaps)
+        with torch.autocast(a.device.type, enabled=False):
+            for s in range(0, N, step):
+                # (G, n, M) scores of one chunk only; one group is a plain matmul (faster than bmm on CPU)
+                scores = torch.mm(a[0, s : s + step], c[0]).unsqueeze(0) if G == 1 else torch.bmm(a[:, s : s + step], c)
+                if self.banned is not None:  # steering: banned codes lose, the next best take their place
+                    scores = scores.masked_fill(self.banned.unsqueeze(1), float("-inf"))
+                best = scores.argmax(-1, keepdim=True) if k == 1 else scores.topk(k, dim=-1).indices  # (G, n, k)
+                idx[s : s + step] = best.transpose(0, 1)  # (n, G, k)
         return idx
 
     def flat_indices(self, idx):

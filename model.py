@@ -59,7 +59,7 @@ class GPTConfig:
     codebook_groups: int = spec(1, ">= 1")  # groups G of the attn and mlp sites (attn_heads uses n_head)
     codebook_layernorm: bool = True  # LayerNorm before the lookup (see codebook.py for why)
     codebook_chunk: int = spec(0, ">= 0")  # (token, group) rows scored at once; 0 = 32 MiB of scores (CPU), 256 MiB (GPU)
-    recon_coef: float = spec(1.0, ">= 0")  # lambda of the reconstruction loss
+    recon_coef: float = spec(1.0, ">= 0")  # lambda of the MSE, a mean over dims: the authors' lambda=1 is n_embd
 
     def __post_init__(self):
         validate(self)

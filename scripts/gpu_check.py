@@ -14,7 +14,9 @@ directory, or one this script wrote: anything else is refused before the first r
 3. ddp:      torchrun --standalone --nproc_per_node=1 train.py ... (nccl on CUDA, gloo on CPU), STEPS steps
 4. resumed:  the same torchrun run stopped at STEPS/2, then --init_from=resume to STEPS; its checkpoint (weights,
              codebook buffers, optimizer state) is compared bitwise with 3's: "exact" or the largest difference
-5. bench:    python bench.py --only=layer --device=DEV --dtype=bfloat16 (the layer against its floor)
+5. bench:    python bench.py --only=layer,codes --device=DEV --dtype=bfloat16: the layer against its floor, and the
+             codes it chooses under bf16 autocast against fp32's (the share that agree, and the time of the fp32
+             choice against one bf16 matmul's)
 Every training run uses the preset's model and batch (4 layers, d=128, k=1 of 10,000 codes on every head and MLP,
 batch 512 x 128 tokens) with a warmup of STEPS/10 and a constant learning rate after it (so that the half run's
 learning rates are the full run's), logs every STEPS/5 steps and evaluates at its end (2,048 sequences, valid
@@ -53,7 +55,7 @@ def parse(argv):
     p.add_argument("--steps", type=int, default=300, help="training steps per run (>= 4)")
     p.add_argument("--out", default="out-gpu-check", help="directory of the runs (created)")
     p.add_argument("--tiny", default="false", choices=("true", "false"), help="tiny model and batch (CPU tests)")
-    p.add_argument("--bench", default="layer", help="bench.py parts to run (its --only), or none")
+    p.add_argument("--bench", default="layer,codes", help="bench.py parts to run (its --only), or none")
     args = p.parse_args(argv)
     if args.steps < 4:
         sys.exit(f"error: --steps={args.steps}: must be >= 4 (the resume check stops at half of it)")

@@ -38,6 +38,7 @@ from typing import Optional
 import torch
 
 import report
+import stories
 from evaluate import dictionary_metrics, eval_batches, mlp_neurons, neuron_baseline, reference_loss
 from fsm import TokFSM
 from model import load_run
@@ -346,8 +347,9 @@ def main(argv):
         if fsm:
             summary, tables, concepts = fsm_analysis(col, fsm, model, model.lm_head.weight.device, cfg.batch_size)
             report.fsm_summary(out, summary, tables)
-        else:
-            concepts = report_regex(out, cfg, col, tok)
+        else:  # the story language's truth (stories.py), else --regex
+            concepts = (stories.report_truth(out, col, model, cfg.dataset or tc["dataset"], cfg.batch_size)
+                        or report_regex(out, cfg, col, tok))
         row_strs = report.fsm_strs(fsm) if fsm else lambda row: [tok(t) for t in row]
         report.write_browser(os.path.join(out, "browser.html"), col, row_strs, stats, concepts, cfg.html_codes,
                              cfg.contexts, title=f"codes of {cfg.out_dir} (iteration {ckpt['iter_num']})")

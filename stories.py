@@ -491,11 +491,11 @@ def print_summary(summary):
     for latent, s in summary.items():
         print(f"\n{latent}: best code per value (where the {latent} decides the next word: {s['tokens_next']:,} tokens;"
               f" all: {s['tokens_all']:,}); {s['owned']} of {s['of']} own a code with P, R >= 0.9")
-        print(f"  {'value':9s} {"code":22s} {'P':>5s} {'R':>5s} | all {'P':>5s} {'R':>5s} | dense pick {'P':>5s} {'R':>5s}"
+        print(f"  {'value':9s} {'code':22s} {'P':>5s} {'R':>5s} | all {'P':>5s} {'R':>5s} | dense pick {'P':>5s} {'R':>5s}"
               f" | neuron P")
         for x in s["values"]:
             d, n = x.get("dense", {}), x.get("neuron", {})
-            print(f"  {x['value']:9s} {x["book"] + ":" + str(x["code"]):22s} {x['P_next']:5.2f} {x['R_next']:5.2f} | "
+            print(f"  {x['value']:9s} {x['book'] + ':' + str(x['code']):22s} {x['P_next']:5.2f} {x['R_next']:5.2f} | "
                   f"    {x['P_all']:5.2f} {x['R_all']:5.2f} | {d.get('book', '-') + ':' + str(d.get('code', '')):>10s} "
                   f"{d.get('P_next', 0):5.2f} {d.get('R_next', 0):5.2f} | {n.get('P_next', float('nan')):8.2f}")
 

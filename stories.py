@@ -57,7 +57,7 @@ TOPICS = {  # topic (its key word) -> nouns, places, verbs; words shared between
     "cake": (["party", "gift", "balloon", "candle"], ["house", "kitchen"], ["baked", "sang"]),
     "bear": (["tree", "honey", "berry", "owl"], ["forest", "woods"], ["climbed", "sniffed"]),
     "teacher": (["book", "pencil", "desk", "paper"], ["school", "class"], ["read", "wrote"]),
-    "drum": (["song", "guitar", "bell", "piano"], ["stage", "park"], ["played", "sang"]),
+    "drum": (["song", "guitar", "bell", "piano"], ["stage", "park"], ["drummed", "sang"]),
     "soup": (["pot", "spoon", "bread", "apple"], ["kitchen", "house"], ["cooked", "baked"]),
     "train": (["track", "ticket", "wheel", "whistle"], ["station", "city"], ["rode", "zoomed"]),
     "tent": (["fire", "star", "lamp", "map"], ["woods", "lake"], ["hiked", "sang"]),
@@ -127,9 +127,11 @@ class StoryLanguage:
         self.vocab_size, self.eot = len(self.vocab), 0
         self.topic_words = self._owners([[*n, *p, *v, k] for k, (n, p, v) in TOPICS.items()])
         self.mood_words = self._owners([[*a, *b] for a, b in MOODS.values()])
-        shared = {self.id[self.token(w)] for ws in [*COMMON.values(), *NAMES.values()] for w in ws}
+        shared = {self.id[self.token(w)] for ws in [*COMMON.values(), *NAMES.values(), list(NAMES)] for w in ws}
+        shared |= {self.id[self.token(w)] for g in self.groups for f in g for kind, w in f if kind == "word"}
         if set(self.topic_words) & set(self.mood_words) or (set(self.topic_words) | set(self.mood_words)) & shared:
-            raise ValueError("a word is written by slots of two kinds (topic, mood, shared): the truth would be unclear")
+            raise ValueError("a word is written by slots of two kinds (topic, mood, shared or a frame's own words): the "
+                             "truth of a text's words would be unclear")
         check_unambiguous(self)
 
     @staticmethod
@@ -250,7 +252,7 @@ class StoryLanguage:
 
     def decode(self, ids):
         """Text of token ids: "Ġ" is a space."""
-        return "".join(self.vocab[int(i)] for i in ids).replace("Ġ", " ")
+        return "".join(self.vocab[int(i)] if int(i) < self.vocab_size else "<unk>" for i in ids).replace("Ġ", " ")
 
     def log_prob(self, ids):
         """ln p(story) of one story's token ids (without EOT), read back from the tokens alone: the sum over every
@@ -260,7 +262,7 @@ class StoryLanguage:
         for topic in range(len(TOPICS)):
             for mood in range(len(MOODS)):
                 for kid in NAMES:
-                    lp = self._parse(words, topic, mood, kid)
+                    lp = self._parse(words, topic, mood, kid)  # -inf unless the latents can write the words
                     if lp > -math.inf:
                         total = np.logaddexp(total, lp - math.log(len(TOPICS) * len(MOODS)))
         return float(total)
@@ -307,6 +309,23 @@ class StoryLanguage:
                 if pos == len(words):
                     total = np.logaddexp(total, lp - math.log(BODY_MAX - BODY_MIN + 1))
         return float(total)
+
+    def truth_of(self, text):
+        """The truth of one story's text, read from its words alone: (topic, mood, topic_next (N,) bool, mood_next (N,)
+        bool) over its N tokens (end-of-text not included). Raises ValueError when the grammar cannot write the text or
+        two latent values could have (which check_unambiguous rules out for this grammar)."""
+        ids = self.encode(text)
+        words = [self.vocab[i].lstrip("Ġ") for i in ids]
+        fits = [(t, m) for t in range(len(TOPICS)) for m in range(len(MOODS))
+                if any(self._parse(words, t, m, kid) > -math.inf for kid in NAMES)]
+        if len(fits) != 1:
+            raise ValueError(f"{len(fits)} (topic, mood) pairs write this text: it is not one story of the language")
+        nxt = lambda owners: np.array([i in owners for i in ids[1:]] + [False])  # noqa: E731
+        return fits[0][0], fits[0][1], nxt(self.topic_words), nxt(self.mood_words)
+
+    def max_story_tokens(self):
+        """The most tokens a story can have, its end-of-text token included."""
+        return sum(max(map(len, g)) * (BODY_MAX if g is self.groups[2] else 1) for g in self.groups) + 1
 
     def latent_of_text(self, ids):
         """The topic and mood the grammar gives a text's words: for each latent, the value whose slots write the most
@@ -522,6 +541,119 @@ def report_truth(out, col, model, data_dir, batch_size=64):
             for c, found in top_concepts(*t["next"], [f"{latent} {n}" for n in names]).items():
                 concepts.setdefault(book, {}).setdefault(c, []).extend(found)
     return {b: {c: by_f1(f, 2) for c, f in cs.items()} for b, cs in concepts.items()}
+
+
+# ---------------------------------------------------------------------------------------------- steering
+def steer_latents(model, lang, chosen, per_prompt=10, max_new_tokens=90, temperature=1.0, seed=0, mode="one",
+                  prompts=PROMPTS):
+    """Table 3's protocol on the story language: per target, 4 prompts x per_prompt samples at `temperature`,
+    without and with its codes forced at every prompt and generated token (steer.generate, mode "one" or "all"),
+    each sample read up to its first end-of-text token (one story), scored twice.
+
+    Args:
+        chosen: {(latent, value index): [(codebook, group, code)]}; lang: a StoryLanguage.
+    Returns:
+        ({"topic dragon": {"regex": (baseline, steered), "truth": (baseline, steered), "other_kept": paired fraction,
+        "other_tv": total variation, "n": samples}}, {"baseline" or target: [text]}). regex: the sample matches
+        regex_of(latent, value); truth: latent_of_text gives the sample the value; other_kept: among the samples whose
+        other latent is defined with and without forcing, the fraction where it is the same (the same seed and row,
+        so the same random draws: forcing that leaves the other latent alone keeps it); other_tv: total variation
+        between the other latent's distributions with and without forcing (-1, undefined, counts as a value).
+    """
+    from steer import generate
+
+    def sample(force):
+        out = []
+        for i, p in enumerate(prompts):
+            prompt = [lang.eot] + (lang.encode(p) if p else [])
+            rows = generate(model, prompt, per_prompt, max_new_tokens, temperature, seed + i, force=force, mode=mode)
+            for row in rows[:, 1:].tolist():  # (n, len(prompt) - 1 + max_new_tokens)
+                gen = row[len(prompt) - 1:]
+                out.append(row[: len(prompt) - 1 + (gen.index(lang.eot) if lang.eot in gen else len(gen))])
+        return out
+
+    base = sample(())
+    base_lat = np.array([lang.latent_of_text(x)[:2] for x in base])  # (n, 2) topic, mood; -1 undefined
+    samples, res = {"baseline": [lang.decode(x) for x in base]}, {}
+    for (latent, v), force in chosen.items():
+        ids = sample(force)
+        lat = np.array([lang.latent_of_text(x)[:2] for x in ids])
+        j, o = (0, 1) if latent == "topic" else (1, 0)
+        pat = re.compile(regex_of(latent, v))
+        texts = [lang.decode(x) for x in ids]
+        both = (lat[:, o] >= 0) & (base_lat[:, o] >= 0)
+        hist = lambda a: np.bincount(a + 1, minlength=len(LATENTS["topic" if o == 0 else "mood"]) + 1) / len(a)  # noqa: E731
+        name = f"{latent} {LATENTS[latent][v]}"
+        res[name] = {"regex": (float(np.mean([bool(pat.search(t)) for t in samples["baseline"]])),
+                               float(np.mean([bool(pat.search(t)) for t in texts]))),
+                     "truth": (float(np.mean(base_lat[:, j] == v)), float(np.mean(lat[:, j] == v))),
+                     "other_kept": float(np.mean(lat[both, o] == base_lat[both, o])) if both.any() else float("nan"),
+                     "other_tv": float(0.5 * np.abs(hist(lat[:, o]) - hist(base_lat[:, o])).sum()), "n": len(ids)}
+        samples[name] = texts
+    return res, samples
+
+
+def print_steering(res, codes):
+    """Table 3's shape: per target, its code and the rates without and with it forced, by regex and by truth."""
+    print(f"\n  {'target':16s} {'code':22s} {'regex':>15s} {'truth':>15s}  other latent kept (paired), TV")
+    for name, r in res.items():
+        print(f"  {name:16s} {codes.get(name, '-'):22s} {100 * r['regex'][0]:5.1f}% -> {100 * r['regex'][1]:5.1f}% "
+              f"{100 * r['truth'][0]:5.1f}% -> {100 * r['truth'][1]:5.1f}%  {100 * r['other_kept']:5.1f}%, "
+              f"{r['other_tv']:.2f}")
+    for latent in LATENTS:
+        rows = [r for n, r in res.items() if n.startswith(latent)]
+        if rows:
+            print(f"  mean over {len(rows)} {latent} values: regex {100 * np.mean([r['regex'][1] for r in rows]):.1f}%, "
+                  f"truth {100 * np.mean([r['truth'][1] for r in rows]):.1f}% (baseline "
+                  f"{100 * np.mean([r['truth'][0] for r in rows]):.1f}%), other latent kept "
+                  f"{100 * np.nanmean([r['other_kept'] for r in rows]):.1f}%")
+
+
+def topics_main(cfg, model, data_dir):
+    """topics.py on a stories run: every code against the truth, each topic's and mood's best codes (by F1 where it
+    decides the next word; or --topic_codes), steered by `steer_latents`; outputs as topics.py's (module docstring
+    there) plus stories.json (the code tables)."""
+    from analyze import collect_codes, f1
+    from plumbing.configuration import ConfigError
+    from plumbing.files import read_json
+    from plumbing.rundir import staged_dir
+    from plumbing.tokens import lm_batches, load_tokens
+    from steer import parse_codes
+
+    lang, T = StoryLanguage(), model.config.block_size
+    val = load_tokens(data_dir, T, model.config.vocab_size)[1]
+    rows = max(1, min(cfg.batch_size, 2**26 // (T * model.config.vocab_size)))
+    col = collect_codes(model, [x for x, _ in lm_batches(val, T, cfg.max_tokens, rows)], next(model.parameters()).device)
+    col["books"] = model.books()
+    tables = code_truth(col, window_truth(load_truth(data_dir), col["tokens"].long(), val))
+    summary = summarize(tables, window_truth(load_truth(data_dir), col["tokens"].long(), val))
+    print_summary(summary)
+    if cfg.topic_codes:
+        named = read_json(cfg.topic_codes, "topic codes", "write it again with topics.py")
+    else:  # each value's best codes by F1, over every book
+        named = {}
+        for latent, names in LATENTS.items():
+            for v, n in enumerate(names):
+                scored = [(f1(t["next"][1][v], t["next"][2][v])[c].item(), f"{b}:{c}") for b, t in tables[latent].items()
+                          for c in range(t["next"][1].shape[1])]
+                named[f"{latent} {n}"] = [x for _, x in sorted(scored, reverse=True)[: cfg.codes_per_topic]]
+    chosen = {}
+    for latent, names in LATENTS.items():
+        for v, n in enumerate(names):
+            codes = named.get(f"{latent} {n}")
+            if not isinstance(codes, list) or not all(isinstance(x, str) for x in codes):
+                raise ConfigError(f"{cfg.topic_codes}: no list of \"BOOK:CODE\" for {latent} {n!r}: write it again")
+            chosen[(latent, v)] = parse_codes(model, ",".join(codes[: cfg.codes_per_topic]))
+    res, samples = {}, {}
+    if cfg.steer:
+        res, samples = steer_latents(model, lang, chosen, cfg.samples_per_prompt, min(cfg.max_new_tokens,
+                                     lang.max_story_tokens()), cfg.temperature, cfg.seed, cfg.mode)
+        print_steering(res, {k: ",".join(v[: cfg.codes_per_topic]) for k, v in named.items()})
+    with staged_dir(cfg.save_dir, "topics") as out:
+        for name, obj in (("topic_codes", named), ("stories", summary), ("steering", {"results": res, "samples": samples})):
+            with open(os.path.join(out, f"{name}.json"), "w") as f:
+                json.dump(obj, f, indent=1)
+    print(f"wrote {cfg.save_dir}: topic_codes.json, stories.json, steering.json")
 
 
 def save_truth(path, stories):

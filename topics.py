@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+import stories
 from analyze import collect_codes, precision_recall, regex_mask
 from model import load_run
 from plumbing.configuration import ConfigError, is_device, is_out_dir, parse_config, spec, split_list, validate
@@ -203,6 +204,8 @@ def main(argv):
     data = cfg.dataset or ckpt["train_config"]["dataset"]
     codec = load_tokenizer(data)[0]
     check_topics(cfg, model.config, data, cfg.device)  # sizes that cannot fit stop here
+    if stories.load_truth(data) is not None:  # the story language: every topic and mood, scored against its truth
+        return stories.topics_main(cfg, model, data)
     topics = parse_topics(cfg.topics)
     if cfg.frequent:  # counted on the training text, before any steering
         train = load_tokens(data, model.config.block_size, model.config.vocab_size)[0]

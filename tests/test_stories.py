@@ -192,6 +192,7 @@ def test_train_analyze_steer_end_to_end(tmp_path):
     steering = json.loads((out / "topics" / "steering.json").read_text())
     res = steering["results"]
     assert len(res) == 20 and all(r_["n"] == 8 for r_ in res.values())
-    assert len(steering["samples"]["baseline"]) == 8 and all(t.startswith("Once") for t in steering["samples"]["baseline"][:2])
+    base = steering["samples"]["baseline"]  # 2 samples of each prompt: "", "Once", "Once upon a time,", ...
+    assert len(base) == 8 and base[2].startswith("Once") and base[4].startswith("Once upon a time,")
     codes = json.loads((out / "topics" / "topic_codes.json").read_text())
     assert set(codes) == {f"topic {t}" for t in TOPIC_NAMES} | {f"mood {m}" for m in MOOD_NAMES}

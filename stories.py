@@ -507,7 +507,7 @@ def summarize(tables, wt, model=None, tokens=None, batch_size=64):
 
 def print_summary(summary):
     """The tables of `summarize`, one line per latent value."""
-    for latent, s in summary.items():
+    for latent, s in ((k, summary[k]) for k in LATENTS):
         print(f"\n{latent}: best code per value (where the {latent} decides the next word: {s['tokens_next']:,} tokens;"
               f" all: {s['tokens_all']:,}); {s['owned']} of {s['of']} own a code with P, R >= 0.9")
         print(f"  {'value':9s} {'code':22s} {'P':>5s} {'R':>5s} | all {'P':>5s} {'R':>5s} | dense pick {'P':>5s} {'R':>5s}"
@@ -517,6 +517,27 @@ def print_summary(summary):
             print(f"  {x['value']:9s} {x['book'] + ':' + str(x['code']):22s} {x['P_next']:5.2f} {x['R_next']:5.2f} | "
                   f"    {x['P_all']:5.2f} {x['R_all']:5.2f} | {d.get('book', '-') + ':' + str(d.get('code', '')):>10s} "
                   f"{d.get('P_next', 0):5.2f} {d.get('R_next', 0):5.2f} | {n.get('P_next', float('nan')):8.2f}")
+
+
+def story_losses(model, tokens, story, batch_size=64):
+    """Mean cross-entropy (nats per token) over consecutive windows, and over the tokens whose story starts inside
+    their window (the model has read its latents): (all, in_context). tokens, story: (n, T) as window_truth's; the
+    token before each window is taken to end a story when story ids are not ascending from it (the first window)."""
+    import torch
+    import torch.nn.functional as F
+
+    prev = torch.cat([story[:1, :1] - 1, story[:-1, -1:]])  # (n, 1) the story of the token before each window
+    inside = story[:, :-1] > prev  # (n, T - 1) positions whose target's story began in the window
+    dev = next(model.parameters()).device
+    ce = []
+    with torch.no_grad():
+        for s in range(0, len(tokens), batch_size):
+            x = tokens[s: s + batch_size].long().to(dev)
+            logits = model(x)[0]  # (B, T, V)
+            ce.append(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(), reduction="none")
+                      .view(len(x), -1).cpu())  # (B, T - 1)
+    ce = torch.cat(ce)
+    return ce.mean().item(), ce[inside].mean().item()
 
 
 def report_truth(out, col, model, data_dir, batch_size=64):
@@ -532,6 +553,10 @@ def report_truth(out, col, model, data_dir, batch_size=64):
     wt = window_truth(truth, col["tokens"].long(), load_tokens(data_dir, 1, 1 << 16)[1])
     tables = code_truth(col, wt)
     summary = summarize(tables, wt, model, col["tokens"], batch_size)
+    summary["loss"], summary["loss_in_context"] = story_losses(model, col["tokens"], wt["story"], batch_size)
+    summary["entropy_floor"] = StoryLanguage().entropy_floor()[0]
+    print(f"loss {summary['loss']:.4f} nats/token on these windows, {summary['loss_in_context']:.4f} on the tokens whose "
+          f"story starts in the window; the language's entropy floor {summary['entropy_floor']:.4f}")
     print_summary(summary)
     with open(os.path.join(out, "stories.json"), "w") as f:
         json.dump(summary, f, indent=1)

@@ -41,6 +41,7 @@ import math
 import os
 import re
 from collections import namedtuple
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 
@@ -496,8 +497,9 @@ def summarize(tables, wt, model=None, tokens=None, batch_size=64):
             r_, c_ = where.nonzero(as_tuple=True)
             acts = mlp_neurons(model, tokens, r_, c_, batch_size, next(model.parameters()).device)
             prec, neuron, _ = neuron_baseline(acts, wt[latent][r_, c_], torch.tensor([x["R_next"] for x in rows]))
-            for x, pn, nn in zip(rows, prec.tolist(), neuron.tolist()):
-                x["neuron"] = {"neuron": nn, "P_next": pn}
+            H = acts.shape[1] // len(model.transformer.h)
+            for x, pn, nn in zip(rows, prec.tolist(), neuron.tolist()):  # its largest activation: the forcing value
+                x["neuron"] = {"neuron": nn, "layer": nn // H, "index": nn % H, "P_next": pn, "max": acts[:, nn].max().item()}
         summary[latent] = {"values": rows, "owned": sum(x["owned"] for x in rows), "of": len(rows),
                            "tokens_next": int(wt[f"{latent}_next"].sum()), "tokens_all": wt[latent].numel(),
                            "mean_P_next": float(np.mean([x["P_next"] for x in rows])),
@@ -576,7 +578,8 @@ def steer_latents(model, lang, chosen, per_prompt=10, max_new_tokens=90, tempera
     each sample read up to its first end-of-text token (one story), scored twice.
 
     Args:
-        chosen: {(latent, value index): [(codebook, group, code)]}; lang: a StoryLanguage.
+        chosen: {(latent, value index): [(codebook, group, code)], or a function returning a context manager within
+            which the model is steered (e.g. forced_neuron)}; lang: a StoryLanguage.
     Returns:
         ({"topic dragon": {"regex": (baseline, steered), "truth": (baseline, steered), "other_kept": paired fraction,
         "other_tv": total variation, "n": samples}}, {"baseline" or target: [text]}). regex: the sample matches
@@ -591,7 +594,9 @@ def steer_latents(model, lang, chosen, per_prompt=10, max_new_tokens=90, tempera
         out = []
         for i, p in enumerate(prompts):
             prompt = [lang.eot] + (lang.encode(p) if p else [])
-            rows = generate(model, prompt, per_prompt, max_new_tokens, temperature, seed + i, force=force, mode=mode)
+            with force() if callable(force) else nullcontext():
+                rows = generate(model, prompt, per_prompt, max_new_tokens, temperature, seed + i,
+                                force=() if callable(force) else force, mode=mode)
             for row in rows[:, 1:].tolist():  # (n, len(prompt) - 1 + max_new_tokens)
                 gen = row[len(prompt) - 1:]
                 out.append(row[: len(prompt) - 1 + (gen.index(lang.eot) if lang.eot in gen else len(gen))])
@@ -618,15 +623,31 @@ def steer_latents(model, lang, chosen, per_prompt=10, max_new_tokens=90, tempera
     return res, samples
 
 
+@contextmanager
+def forced_neuron(model, layer, neuron, value):
+    """Within the block, MLP neuron `neuron` of layer `layer` (after the GELU, as evaluate.mlp_neurons reads it) is
+    set to `value` at every token: the single-neuron counterpart of forcing a code."""
+    def hook(module, inputs, output):
+        output = output.clone()
+        output[..., neuron] = value
+        return output
+
+    handle = model.transformer.h[layer].mlp.gelu.register_forward_hook(hook)
+    try:
+        yield model
+    finally:
+        handle.remove()
+
+
 def print_steering(res, codes):
     """Table 3's shape: per target, its code and the rates without and with it forced, by regex and by truth."""
     print(f"\n  {'target':16s} {'code':22s} {'regex':>15s} {'truth':>15s}  other latent kept (paired), TV")
-    for name, r in res.items():
+    for name, r in ((n, r) for n, r in res.items() if n != "neurons"):
         print(f"  {name:16s} {codes.get(name, '-'):22s} {100 * r['regex'][0]:5.1f}% -> {100 * r['regex'][1]:5.1f}% "
               f"{100 * r['truth'][0]:5.1f}% -> {100 * r['truth'][1]:5.1f}%  {100 * r['other_kept']:5.1f}%, "
               f"{r['other_tv']:.2f}")
     for latent in LATENTS:
-        rows = [r for n, r in res.items() if n.startswith(latent)]
+        rows = [r for n, r in res.items() if n.startswith(latent + " ")]
         if rows:
             print(f"  mean over {len(rows)} {latent} values: regex {100 * np.mean([r['regex'][1] for r in rows]):.1f}%, "
                   f"truth {100 * np.mean([r['truth'][1] for r in rows]):.1f}% (baseline "
@@ -651,7 +672,8 @@ def topics_main(cfg, model, data_dir):
     col = collect_codes(model, [x for x, _ in lm_batches(val, T, cfg.max_tokens, rows)], next(model.parameters()).device)
     col["books"] = model.books()
     tables = code_truth(col, window_truth(load_truth(data_dir), col["tokens"].long(), val))
-    summary = summarize(tables, window_truth(load_truth(data_dir), col["tokens"].long(), val))
+    summary = summarize(tables, window_truth(load_truth(data_dir), col["tokens"].long(), val), model, col["tokens"],
+                        cfg.batch_size)
     print_summary(summary)
     if cfg.topic_codes:
         named = read_json(cfg.topic_codes, "topic codes", "write it again with topics.py")
@@ -674,6 +696,13 @@ def topics_main(cfg, model, data_dir):
         res, samples = steer_latents(model, lang, chosen, cfg.samples_per_prompt, min(cfg.max_new_tokens,
                                      lang.max_story_tokens()), cfg.temperature, cfg.seed, cfg.mode)
         print_steering(res, {k: ",".join(v[: cfg.codes_per_topic]) for k, v in named.items()})
+        neurons = {(latent, v): (lambda n=x["neuron"]: forced_neuron(model, n["layer"], n["index"], n["max"]))
+                   for latent in LATENTS for v, x in enumerate(summary[latent]["values"])}
+        res["neurons"], samples["neurons"] = steer_latents(model, lang, neurons, cfg.samples_per_prompt, min(
+            cfg.max_new_tokens, lang.max_story_tokens()), cfg.temperature, cfg.seed, cfg.mode)
+        print("\nthe best single MLP neuron of each value (at its code's recall) forced to its largest activation:")
+        print_steering(res["neurons"], {f"{latent} {x['value']}": f"h.{x['neuron']['layer']}.mlp neuron {x['neuron']['index']}"
+                                        for latent in LATENTS for x in summary[latent]["values"]})
     with staged_dir(cfg.save_dir, "topics") as out:
         for name, obj in (("topic_codes", named), ("stories", summary), ("steering", {"results": res, "samples": samples})):
             with open(os.path.join(out, f"{name}.json"), "w") as f:

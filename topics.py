@@ -19,6 +19,11 @@ own training text, chosen by counting alone: the words that most often follow a 
 their, my, your, its, our), past the adjectives and set phrases of NOT_TOPICS ("the little cat" counts "cat"),
 plurals folded into their singular; each becomes the topic `\bword(s)?\b`.
 
+On a run of the story language (stories.py; its dataset has val_truth.npz) every topic and mood is found and steered
+against the truth instead (stories.topics_main): each value's best code by F1 where it decides the next word, steered
+as above (prompts stories.PROMPTS, one story per sample) and scored by the value's regex and by the grammar, with the
+other latent's change beside it, then the same with the best single MLP neuron forced; stories.json holds the tables.
+
 Outputs in save_dir (default <out_dir>/topics, replaced as a whole when complete): topic_codes.json
 ({topic: ["BOOK:CODE", ...]}, best first), concepts.json (both rankings with their numbers) and steering.json
 (rates and samples).

@@ -191,7 +191,8 @@ def test_train_analyze_steer_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     steering = json.loads((out / "topics" / "steering.json").read_text())
     res = steering["results"]
-    assert len(res) == 20 and all(r_["n"] == 8 for r_ in res.values())
+    neurons = res.pop("neurons")  # the best neuron of each value forced instead of its code
+    assert len(res) == len(neurons) == 20 and all(r_["n"] == 8 for r_ in [*res.values(), *neurons.values()])
     base = steering["samples"]["baseline"]  # 2 samples of each prompt: "", "Once", "Once upon a time,", ...
     assert len(base) == 8 and base[2].startswith("Once") and base[4].startswith("Once upon a time,")
     codes = json.loads((out / "topics" / "topic_codes.json").read_text())

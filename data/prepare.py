@@ -1,6 +1,7 @@
 """
-Tokenize TinyStories or WikiText-103 into flat uint16 token files for train.py's language-model path
-(Codebook Features, Section 5: 1-layer TinyStories models, and Pythia finetuned on WikiText-103).
+Tokenize TinyStories or WikiText-103 (or write the generated story language of stories.py) into flat uint16 token
+files for train.py's language-model path (Codebook Features, Section 5: 1-layer TinyStories models, and Pythia
+finetuned on WikiText-103).
 
     python data/prepare.py tinystories   # downloads TinyStories-{train,valid}.txt (HF roneneldan/TinyStories)
     python data/prepare.py wikitext      # downloads wikitext-103-v1 (HF `datasets` if installed, else the zip)

@@ -19,9 +19,10 @@ logits cheap on a CPU (GPT-2's 50,257 would be 99 % of the compute of a small mo
 `tokenizers` tokenizer.json (a WordLevel model behind the byte-level pre-tokenizer), which plumbing/tokens.py loads
 as the "neox" kind, so sample.py, analyze.py and topics.py decode the text as any other dataset's.
 
-Truth per token (`Stories`): the story's topic and mood, and whether the NEXT token is written by a topic slot or a
-mood slot (`topic_next`, `mood_next`): those are the positions where that latent decides the next word, the
-positions whose activations must carry it.
+Truth per token (`Stories`): the story's topic and mood, whether the NEXT token is written by a topic slot or a
+mood slot (`topic_next`, `mood_next`), and whether the latent has been written yet (`topic_seen`, `mood_seen`: from
+the topic's key word, the opening's mood word on). Where the next token is the latent's and it has been written
+before (in the window a model reads), that latent decides the next word: the activations there must carry it.
 
 Entropy floor (exact): every story is written by one derivation, and the derivation can be read back from its
 tokens (the frames of one place in the story differ in their first word, or in a word of disjoint sets after a
@@ -88,11 +89,12 @@ BODY_MIN, BODY_MAX = 3, 6
 TOPIC_SLOTS, MOOD_SLOTS, COPIES = ("noun", "place", "verb", "key"), ("adj_m", "act"), ("name", "pron", "Pron")
 EOT = "<|endoftext|>"
 
-Stories = namedtuple("Stories", "tokens topic mood topic_next mood_next story logp")
+Stories = namedtuple("Stories", "tokens topic mood topic_next mood_next topic_seen mood_seen story logp")
 Stories.__doc__ = """Sampled stories as one token stream, each story followed by the end-of-text token; every field
 but logp is an (N,) numpy array over the stream's tokens: tokens (int64 ids), topic and mood (int64: the story's
 latents, indices into TOPIC_NAMES and MOOD_NAMES), topic_next and mood_next (bool: the next token is written by a topic
-or a mood slot; False at the last token), story (int64: the story's index). logp: (n,) float64, ln p of each story."""
+or a mood slot; False at the last token), topic_seen and mood_seen (bool: the token is, or follows, the first word of
+its story that the latent wrote: the topic's key, the opening's mood), story (int64: the story's index). logp: (n,) float64, ln p of each story."""
 TOPIC_NAMES, MOOD_NAMES = list(TOPICS), list(MOODS)
 
 
@@ -193,7 +195,7 @@ class StoryLanguage:
         if not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"n must be a positive number of stories, got {n!r}")
         rng = self.rng if seed is None else np.random.default_rng(seed)
-        cols = {k: [] for k in ("tokens", "topic", "mood", "topic_next", "mood_next", "story")}
+        cols = {k: [] for k in ("tokens", "topic", "mood", "topic_next", "mood_next", "topic_seen", "mood_seen", "story")}
         logp = np.zeros(n)
         for i in range(n):  # a loop over stories, each a few dozen tokens
             ids, kinds, logp[i], topic, mood = self._story(rng)
@@ -204,8 +206,11 @@ class StoryLanguage:
             cols["mood"] += [mood] * len(ids)
             cols["topic_next"] += [k in TOPIC_SLOTS for k in kinds[1:]] + [False]
             cols["mood_next"] += [k in MOOD_SLOTS for k in kinds[1:]] + [False]
+            for latent, slots in (("topic", TOPIC_SLOTS), ("mood", MOOD_SLOTS)):
+                first = next(j for j, k in enumerate(kinds) if k in slots)
+                cols[f"{latent}_seen"] += [j >= first for j in range(len(kinds))]
             cols["story"] += [i] * len(ids)
-        arr = {k: np.array(v, dtype=bool if k.endswith("next") else np.int64) for k, v in cols.items()}
+        arr = {k: np.array(v, dtype=bool if k.endswith(("next", "seen")) else np.int64) for k, v in cols.items()}
         return Stories(**arr, logp=logp)
 
     def _story(self, rng):
@@ -401,7 +406,9 @@ def load_truth(data_dir):
 
 def window_truth(truth, tokens, val):
     """The truth at the tokens of consecutive val windows from offset 0 (plumbing/tokens.lm_batches, as analyze.py and
-    topics.py read them): {name: (n, T) tensor}. tokens: (n, T). ConfigError if they are not val's first n*T tokens."""
+    topics.py read them): {name: (n, T) tensor}, the arrays of save_truth and, per latent, "<latent>_known": the word
+    that wrote the latent (Stories.topic_seen) is in the window at or before the token, so that a model reading the
+    window could know it. tokens: (n, T). ConfigError if they are not val's first n*T tokens."""
     import torch
 
     from plumbing.configuration import ConfigError
@@ -410,8 +417,16 @@ def window_truth(truth, tokens, val):
     if len(truth["topic"]) < n * T or not np.array_equal(np.asarray(val[: n * T], np.int64), tokens.reshape(-1).numpy()):
         raise ConfigError("the codes were not read on this dataset's val.bin from its start: collect them again "
                           "without --codes, with this dataset")
-    return {k: torch.from_numpy(truth[k][: n * T].astype(np.int64).reshape(n, T))
-            for k in ("topic", "mood", "topic_next", "mood_next", "story")}
+    wt = {k: torch.from_numpy(truth[k][: n * T].astype(np.int64).reshape(n, T))
+          for k in ("topic", "mood", "topic_next", "mood_next", "topic_seen", "mood_seen", "story")}
+    story = truth["story"][: n * T]
+    for latent in LATENTS:  # known: the word that wrote the latent is in the window, at or before the token
+        seen = truth[f"{latent}_seen"][: n * T]
+        reveal = seen & ~np.concatenate([[False], seen[:-1] & (story[:-1] == story[1:])])  # the latent's first word
+        reveal = torch.from_numpy(reveal.reshape(n, T))
+        last = torch.where(reveal, wt["story"], torch.full_like(wt["story"], -1)).cummax(1).values  # (n, T)
+        wt[f"{latent}_known"] = (last == wt["story"]).long()
+    return wt
 
 
 def dense_stories(codes, story, num_codes):
@@ -428,12 +443,13 @@ def dense_stories(codes, story, num_codes):
 
 def code_truth(col, wt):
     """Every code of every book against both latents: {latent: {book: {"next": (counts, P, R), "all": (...), "dense":
-    (S, M) bool}}}, P and R (L, M) over the tokens where the latent decides the next word ("next") or all tokens."""
+    (S, M) bool}}}, P and R (L, M) over the tokens where the latent decides the next word ("next": the next word is
+    written by one of its slots and the latent is known in the window, window_truth) or over all tokens."""
     from analyze import precision_recall
 
     out = {}
     for latent, names in LATENTS.items():
-        labels, where = wt[latent].reshape(-1), wt[f"{latent}_next"].reshape(-1).bool()
+        labels, where = wt[latent].reshape(-1), (wt[f"{latent}_next"] * wt[f"{latent}_known"]).reshape(-1).bool()
         out[latent] = {}
         for book, site, g, cb in col["books"]:
             codes = col["codes"][site][:, :, g].reshape(-1, cb.k)  # (N, k)
@@ -493,7 +509,7 @@ def summarize(tables, wt, model=None, tokens=None, batch_size=64):
                                 "P_next": x["next"][1][v, cc].item(), "R_next": x["next"][2][v, cc].item()}
             rows.append(row)
         if model is not None:
-            where = wt[f"{latent}_next"].bool()
+            where = (wt[f"{latent}_next"] * wt[f"{latent}_known"]).bool()
             r_, c_ = where.nonzero(as_tuple=True)
             acts = mlp_neurons(model, tokens, r_, c_, batch_size, next(model.parameters()).device)
             prec, neuron, _ = neuron_baseline(acts, wt[latent][r_, c_], torch.tensor([x["R_next"] for x in rows]))
@@ -501,7 +517,9 @@ def summarize(tables, wt, model=None, tokens=None, batch_size=64):
             for x, pn, nn in zip(rows, prec.tolist(), neuron.tolist()):  # its largest activation: the forcing value
                 x["neuron"] = {"neuron": nn, "layer": nn // H, "index": nn % H, "P_next": pn, "max": acts[:, nn].max().item()}
         summary[latent] = {"values": rows, "owned": sum(x["owned"] for x in rows), "of": len(rows),
-                           "tokens_next": int(wt[f"{latent}_next"].sum()), "tokens_all": wt[latent].numel(),
+                           "tokens_next": int((wt[f"{latent}_next"] * wt[f"{latent}_known"]).sum()),
+                           "tokens_next_unknown": int((wt[f"{latent}_next"] * (1 - wt[f"{latent}_known"])).sum()),
+                           "tokens_all": wt[latent].numel(),
                            "mean_P_next": float(np.mean([x["P_next"] for x in rows])),
                            "mean_R_next": float(np.mean([x["R_next"] for x in rows]))}
     return summary
@@ -510,8 +528,9 @@ def summarize(tables, wt, model=None, tokens=None, batch_size=64):
 def print_summary(summary):
     """The tables of `summarize`, one line per latent value."""
     for latent, s in ((k, summary[k]) for k in LATENTS):
-        print(f"\n{latent}: best code per value (where the {latent} decides the next word: {s['tokens_next']:,} tokens;"
-              f" all: {s['tokens_all']:,}); {s['owned']} of {s['of']} own a code with P, R >= 0.9")
+        print(f"\n{latent}: best code per value (where the {latent} decides the next word: {s['tokens_next']:,} tokens, "
+              f"not counting {s['tokens_next_unknown']:,} where it is not yet written in the window; all: "
+              f"{s['tokens_all']:,}); {s['owned']} of {s['of']} own a code with P, R >= 0.9")
         print(f"  {'value':9s} {'code':22s} {'P':>5s} {'R':>5s} | all {'P':>5s} {'R':>5s} | dense pick {'P':>5s} {'R':>5s}"
               f" | neuron P")
         for x in s["values"]:
@@ -711,11 +730,13 @@ def topics_main(cfg, model, data_dir):
 
 
 def save_truth(path, stories):
-    """The per-token truth of a stream as an .npz (topic, mood: int8; topic_next, mood_next: bool; story: int32), with the names
+    """The per-token truth of a stream as an .npz (topic, mood: int8; topic_next, mood_next, topic_seen, mood_seen: bool;
+    story: int32; the fields of Stories), with the names
     of the values (topics, moods). Written to a temporary name, then renamed."""
     tmp = path + ".tmp.npz"
     np.savez_compressed(tmp, topic=stories.topic.astype(np.int8), mood=stories.mood.astype(np.int8),
-                        topic_next=stories.topic_next, mood_next=stories.mood_next, story=stories.story.astype(np.int32),
+                        topic_next=stories.topic_next, mood_next=stories.mood_next, topic_seen=stories.topic_seen,
+                        mood_seen=stories.mood_seen, story=stories.story.astype(np.int32),
                         topics=np.array(TOPIC_NAMES), moods=np.array(MOOD_NAMES))
     os.replace(tmp, path)
 

@@ -130,8 +130,15 @@ def test_code_truth_on_known_codes(lang):
     T = 64
     n = len(s.tokens) // T
     cut = lambda a: torch.from_numpy(a[: n * T].astype(np.int64)).view(n, T)  # noqa: E731
-    truth = {k: getattr(s, k) for k in ("topic", "mood", "topic_next", "mood_next", "story")}
+    truth = {k: getattr(s, k) for k in ("topic", "mood", "topic_next", "mood_next", "topic_seen", "mood_seen", "story")}
     wt = stories.window_truth(truth, cut(s.tokens), s.tokens)
+    for latent in ("topic", "mood"):  # known: seen, with its word inside the window
+        known, seen = wt[f"{latent}_known"].bool(), wt[f"{latent}_seen"].bool()
+        assert (known <= seen).all() and known.any()
+        for i in range(1, n):
+            cut_story = wt["story"][i] == wt["story"][i - 1, -1]  # (T,) the story that began in the window before
+            before = seen[i - 1, -1] & cut_story  # its latent's word was written before the window
+            assert (known[i] == seen[i] & ~before).all()
     cb = type("CB", (), {"k": 1, "num_codes": 20})()
     mood_code = torch.where(wt["mood_next"].bool(), wt["mood"] + 16, torch.full_like(wt["mood"], 0))
     col = {"tokens": cut(s.tokens), "codes": {"a": wt["topic"].view(n, T, 1, 1), "b": mood_code.view(n, T, 1, 1)},

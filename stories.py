@@ -9,7 +9,7 @@ latent variables drawn independently and uniformly, and carried from its first s
 - its **mood**, one of 4 (happy, sad, scared, angry): the words of the mood slots (adjectives, actions).
 Names (with their he/she), frames ("One day, Lily went to the ..."), adjectives, toys and animals are shared by all
 stories. The opening names the mood and the second sentence the topic's key word (its name), each unique to its
-value; the body is 3-6 sentences drawn from 13 frames, then one of 2 endings.
+value; the body is 3-6 sentences drawn from 14 frames, then one of 2 endings.
 
     python stories.py        # prints the entropy floor, the vocabulary size and a few stories with their labels
 
@@ -32,9 +32,9 @@ E[H(story)] / E[tokens per story] nats per token (`entropy_floor`): no model doe
 context. A model that reads a window cut inside a story misses the latents written before the cut, so its loss on
 train.py's random windows is above the floor; `log_prob` scores stories exactly (a Monte Carlo check in the tests).
 
-Scoring (analyze.py and topics.py use these): `truth_tables` (precision and recall of every code for every value of
-each latent, where it decides the next word and over all tokens), `latent_of_text` (the topic and mood the grammar
-gives a generated text's words).
+Scoring (analyze.py and topics.py use these): `code_truth` and `summarize` (precision and recall of every code for
+every value of each latent, where it decides the next word and over all tokens, the dense heuristic, the best neuron),
+`latent_of_text` (the topic and mood the grammar gives a generated text's words, to score steering).
 """
 
 import json
@@ -42,7 +42,6 @@ import math
 import os
 import re
 from collections import namedtuple
-from contextlib import contextmanager, nullcontext
 
 import numpy as np
 
@@ -82,8 +81,9 @@ TOPIC_SENTENCES = ["{name} loved the {key} very much .", "{Pron} lived near a bi
 BODY = ["One day , {name} went to the {place} .", "{name} saw a {adj} {noun} .",
         "{name} wanted to play with the {noun} .", "{Pron} felt very {adj_m} .", "{Pron} {act} and {verb} all day .",
         "Then , {pron} found a {noun} near the {place} .", "The {noun} was {adj} and {adj} .",
-        "Every day , {pron} {act} .", "A {animal} came to see the {key} .", "After that , {pron} played with a {toy} .",
-        "It was a {adj} day .", "{name} {verb} with the {key} .", "So {pron} {act} again ."]
+        "Every day , {pron} {act} .", "A {animal} came to see the {key} .",
+        "After that , {pron} played with a {toy} and {act} .", "It was a {adj_m} day .", "{name} {verb} with the {key} .",
+        "So {pron} {act} again .", "{name} was {adj_m} ."]
 ENDINGS = ["From that day on , {name} was always {adj_m} .", "In the end , {pron} {act} with the {key} ."]
 BODY_MIN, BODY_MAX = 3, 6
 TOPIC_SLOTS, MOOD_SLOTS, COPIES = ("noun", "place", "verb", "key"), ("adj_m", "act"), ("name", "pron", "Pron")
@@ -445,7 +445,7 @@ def code_truth(col, wt):
     """Every code of every book against both latents: {latent: {book: {"next": (counts, P, R), "all": (...), "dense":
     (S, M) bool}}}, P and R (L, M) over the tokens where the latent decides the next word ("next": the next word is
     written by one of its slots and the latent is known in the window, window_truth) or over all tokens."""
-    from analyze import precision_recall
+    from evaluate import precision_recall
 
     out = {}
     for latent, names in LATENTS.items():
@@ -462,7 +462,7 @@ def code_truth(col, wt):
 def best_per_value(tables, books):
     """For each value of a latent, its best code over all books by F1 where it decides the next word:
     [(book, code, P, R)], one per value."""
-    from analyze import f1
+    from evaluate import f1
 
     best = []
     for v in range(next(iter(tables.values()))["next"][1].shape[0]):
@@ -565,7 +565,7 @@ def report_truth(out, col, model, data_dir, batch_size=64):
     """analyze.py on a stories run: the tables of `summarize` printed and written to out/stories.json; returns the
     browser's concepts {book: {code: [("topic dragon", P, R), ...]}} (the two best by F1 where each latent decides
     the next word), or None when data_dir is not the story language."""
-    from analyze import by_f1, top_concepts
+    from evaluate import f1
     from plumbing.tokens import load_tokens
 
     truth = load_truth(data_dir)
@@ -583,150 +583,13 @@ def report_truth(out, col, model, data_dir, batch_size=64):
         json.dump(summary, f, indent=1)
     concepts = {}
     for latent, names in LATENTS.items():
-        for book, t in tables[latent].items():
-            for c, found in top_concepts(*t["next"], [f"{latent} {n}" for n in names]).items():
-                concepts.setdefault(book, {}).setdefault(c, []).extend(found)
-    return {b: {c: by_f1(f, 2) for c, f in cs.items()} for b, cs in concepts.items()}
-
-
-# ---------------------------------------------------------------------------------------------- steering
-def steer_latents(model, lang, chosen, per_prompt=10, max_new_tokens=90, temperature=1.0, seed=0, mode="one",
-                  prompts=PROMPTS):
-    """Table 3's protocol on the story language: per target, 4 prompts x per_prompt samples at `temperature`,
-    without and with its codes forced at every prompt and generated token (steer.generate, mode "one" or "all"),
-    each sample read up to its first end-of-text token (one story), scored twice.
-
-    Args:
-        chosen: {(latent, value index): [(codebook, group, code)], or a function returning a context manager within
-            which the model is steered (e.g. forced_neuron)}; lang: a StoryLanguage.
-    Returns:
-        ({"topic dragon": {"regex": (baseline, steered), "truth": (baseline, steered), "other_kept": paired fraction,
-        "other_tv": total variation, "n": samples}}, {"baseline" or target: [text]}). regex: the sample matches
-        regex_of(latent, value); truth: latent_of_text gives the sample the value; other_kept: among the samples whose
-        other latent is defined with and without forcing, the fraction where it is the same (the same seed and row,
-        so the same random draws: forcing that leaves the other latent alone keeps it); other_tv: total variation
-        between the other latent's distributions with and without forcing (-1, undefined, counts as a value).
-    """
-    from steer import generate
-
-    def sample(force):
-        out = []
-        for i, p in enumerate(prompts):
-            prompt = [lang.eot] + (lang.encode(p) if p else [])
-            with force() if callable(force) else nullcontext():
-                rows = generate(model, prompt, per_prompt, max_new_tokens, temperature, seed + i,
-                                force=() if callable(force) else force, mode=mode)
-            for row in rows[:, 1:].tolist():  # (n, len(prompt) - 1 + max_new_tokens)
-                gen = row[len(prompt) - 1:]
-                out.append(row[: len(prompt) - 1 + (gen.index(lang.eot) if lang.eot in gen else len(gen))])
-        return out
-
-    base = sample(())
-    base_lat = np.array([lang.latent_of_text(x)[:2] for x in base])  # (n, 2) topic, mood; -1 undefined
-    samples, res = {"baseline": [lang.decode(x) for x in base]}, {}
-    for (latent, v), force in chosen.items():
-        ids = sample(force)
-        lat = np.array([lang.latent_of_text(x)[:2] for x in ids])
-        j, o = (0, 1) if latent == "topic" else (1, 0)
-        pat = re.compile(regex_of(latent, v))
-        texts = [lang.decode(x) for x in ids]
-        both = (lat[:, o] >= 0) & (base_lat[:, o] >= 0)
-        hist = lambda a: np.bincount(a + 1, minlength=len(LATENTS["topic" if o == 0 else "mood"]) + 1) / len(a)  # noqa: E731
-        name = f"{latent} {LATENTS[latent][v]}"
-        res[name] = {"regex": (float(np.mean([bool(pat.search(t)) for t in samples["baseline"]])),
-                               float(np.mean([bool(pat.search(t)) for t in texts]))),
-                     "truth": (float(np.mean(base_lat[:, j] == v)), float(np.mean(lat[:, j] == v))),
-                     "other_kept": float(np.mean(lat[both, o] == base_lat[both, o])) if both.any() else float("nan"),
-                     "other_tv": float(0.5 * np.abs(hist(lat[:, o]) - hist(base_lat[:, o])).sum()), "n": len(ids)}
-        samples[name] = texts
-    return res, samples
-
-
-@contextmanager
-def forced_neuron(model, layer, neuron, value):
-    """Within the block, MLP neuron `neuron` of layer `layer` (after the GELU, as evaluate.mlp_neurons reads it) is
-    set to `value` at every token: the single-neuron counterpart of forcing a code."""
-    def hook(module, inputs, output):
-        output = output.clone()
-        output[..., neuron] = value
-        return output
-
-    handle = model.transformer.h[layer].mlp.gelu.register_forward_hook(hook)
-    try:
-        yield model
-    finally:
-        handle.remove()
-
-
-def print_steering(res, codes):
-    """Table 3's shape: per target, its code and the rates without and with it forced, by regex and by truth."""
-    print(f"\n  {'target':16s} {'code':22s} {'regex':>15s} {'truth':>15s}  other latent kept (paired), TV")
-    for name, r in ((n, r) for n, r in res.items() if n != "neurons"):
-        print(f"  {name:16s} {codes.get(name, '-'):22s} {100 * r['regex'][0]:5.1f}% -> {100 * r['regex'][1]:5.1f}% "
-              f"{100 * r['truth'][0]:5.1f}% -> {100 * r['truth'][1]:5.1f}%  {100 * r['other_kept']:5.1f}%, "
-              f"{r['other_tv']:.2f}")
-    for latent in LATENTS:
-        rows = [r for n, r in res.items() if n.startswith(latent + " ")]
-        if rows:
-            print(f"  mean over {len(rows)} {latent} values: regex {100 * np.mean([r['regex'][1] for r in rows]):.1f}%, "
-                  f"truth {100 * np.mean([r['truth'][1] for r in rows]):.1f}% (baseline "
-                  f"{100 * np.mean([r['truth'][0] for r in rows]):.1f}%), other latent kept "
-                  f"{100 * np.nanmean([r['other_kept'] for r in rows]):.1f}%")
-
-
-def topics_main(cfg, model, data_dir):
-    """topics.py on a stories run: every code against the truth, each topic's and mood's best codes (by F1 where it
-    decides the next word; or --topic_codes), steered by `steer_latents`; outputs as topics.py's (module docstring
-    there) plus stories.json (the code tables)."""
-    from analyze import collect_codes, f1
-    from plumbing.configuration import ConfigError
-    from plumbing.files import read_json
-    from plumbing.rundir import staged_dir
-    from plumbing.tokens import lm_batches, load_tokens
-    from steer import parse_codes
-
-    lang, T = StoryLanguage(), model.config.block_size
-    val = load_tokens(data_dir, T, model.config.vocab_size)[1]
-    rows = max(1, min(cfg.batch_size, 2**26 // (T * model.config.vocab_size)))
-    col = collect_codes(model, [x for x, _ in lm_batches(val, T, cfg.max_tokens, rows)], next(model.parameters()).device)
-    col["books"] = model.books()
-    tables = code_truth(col, window_truth(load_truth(data_dir), col["tokens"].long(), val))
-    summary = summarize(tables, window_truth(load_truth(data_dir), col["tokens"].long(), val), model, col["tokens"],
-                        cfg.batch_size)
-    print_summary(summary)
-    if cfg.topic_codes:
-        named = read_json(cfg.topic_codes, "topic codes", "write it again with topics.py")
-    else:  # each value's best codes by F1, over every book
-        named = {}
-        for latent, names in LATENTS.items():
-            for v, n in enumerate(names):
-                scored = [(f1(t["next"][1][v], t["next"][2][v])[c].item(), f"{b}:{c}") for b, t in tables[latent].items()
-                          for c in range(t["next"][1].shape[1])]
-                named[f"{latent} {n}"] = [x for _, x in sorted(scored, reverse=True)[: cfg.codes_per_topic]]
-    chosen = {}
-    for latent, names in LATENTS.items():
-        for v, n in enumerate(names):
-            codes = named.get(f"{latent} {n}")
-            if not isinstance(codes, list) or not all(isinstance(x, str) for x in codes):
-                raise ConfigError(f"{cfg.topic_codes}: no list of \"BOOK:CODE\" for {latent} {n!r}: write it again")
-            chosen[(latent, v)] = parse_codes(model, ",".join(codes[: cfg.codes_per_topic]))
-    res, samples = {}, {}
-    if cfg.steer:
-        res, samples = steer_latents(model, lang, chosen, cfg.samples_per_prompt, min(cfg.max_new_tokens,
-                                     lang.max_story_tokens()), cfg.temperature, cfg.seed, cfg.mode)
-        print_steering(res, {k: ",".join(v[: cfg.codes_per_topic]) for k, v in named.items()})
-        neurons = {(latent, v): (lambda n=x["neuron"]: forced_neuron(model, n["layer"], n["index"], n["max"]))
-                   for latent in LATENTS for v, x in enumerate(summary[latent]["values"])}
-        res["neurons"], samples["neurons"] = steer_latents(model, lang, neurons, cfg.samples_per_prompt, min(
-            cfg.max_new_tokens, lang.max_story_tokens()), cfg.temperature, cfg.seed, cfg.mode)
-        print("\nthe best single MLP neuron of each value (at its code's recall) forced to its largest activation:")
-        print_steering(res["neurons"], {f"{latent} {x['value']}": f"h.{x['neuron']['layer']}.mlp neuron {x['neuron']['index']}"
-                                        for latent in LATENTS for x in summary[latent]["values"]})
-    with staged_dir(cfg.save_dir, "topics") as out:
-        for name, obj in (("topic_codes", named), ("stories", summary), ("steering", {"results": res, "samples": samples})):
-            with open(os.path.join(out, f"{name}.json"), "w") as f:
-                json.dump(obj, f, indent=1)
-    print(f"wrote {cfg.save_dir}: topic_codes.json, stories.json, steering.json")
+        for book, (counts, P, R) in ((b, t["next"]) for b, t in tables[latent].items()):
+            score = f1(P, R)  # (L, M)
+            for c in (counts.sum(0) > 0).nonzero().flatten().tolist():
+                concepts.setdefault(book, {}).setdefault(c, []).extend(
+                    (f"{latent} {names[v]}", P[v, c].item(), R[v, c].item(), score[v, c].item()) for v in range(len(names)))
+    return {b: {c: [x[:3] for x in sorted(f, key=lambda x: -x[3])[:2] if x[3] > 0] for c, f in cs.items()}
+            for b, cs in concepts.items()}
 
 
 def save_truth(path, stories):

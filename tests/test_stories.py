@@ -18,11 +18,11 @@ from stories import MOOD_NAMES, TOPIC_NAMES, StoryLanguage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KNOWN = ("Once upon a time, there was a sad boy named Tom. He lived near a big robot. Tom saw a shiny wire. "
-         "It was a red day. So he cried again. From that day on, Tom was always lonely.")
+         "It was a gloomy day. So he cried again. From that day on, Tom was always lonely.")
 # by hand, one mark per token of KNOWN, sentence by sentence: the next word is written by a topic slot (T), a mood
-# slot (M) or neither (.): "a" before "sad", "big" before "robot", "shiny" before "wire", "he" before "cried",
+# slot (M) or neither (.): "a" before "sad", "big" before "robot", "shiny" before "wire", "a" before "gloomy", "he" before "cried",
 # "always" before "lonely"
-KNOWN_MARKS = ".......M....." + "....T.." + "...T.." + "......" + ".M..." + ".......M.."
+KNOWN_MARKS = ".......M....." + "....T.." + "...T.." + "..M..." + ".M..." + ".......M.."
 
 
 def run(*args):

@@ -72,10 +72,16 @@ def run_row(name, cfg):
                   cfg.threads)
     t_steer = step(["topics.py", f"--out_dir={path}"], [os.path.join(path, "topics", "steering.json")], ckpt,
                    cfg.threads)
+    if any(a.startswith("--k=") for a in ROWS[name][1]):  # Table 3's "all codes": the forced code alone in its book
+        t_steer += step(["topics.py", f"--out_dir={path}", "--mode=all", f"--save_dir={path}/topics-all"],
+                        [os.path.join(path, "topics-all", "steering.json")], ckpt, cfg.threads)
     evals = [json.loads(line) for line in open(log) if '"eval"' in line]
     summary = json.load(open(os.path.join(path, "analysis", "stories.json")))
     res = json.load(open(os.path.join(path, "topics", "steering.json")))["results"]
-    row = {"loss": evals[-1]["eval"]["loss"], "minutes": (t_train + t_find + t_steer) / 60 if t_train else None}
+    row = {"loss": evals[-1]["eval"]["loss"], "loss_in_context": summary["loss_in_context"],
+           "minutes": (t_train + t_find + t_steer) / 60 if t_train else None}
+    alls = os.path.join(path, "topics-all", "steering.json")
+    res_all = json.load(open(alls))["results"] if os.path.exists(alls) else None
     for latent in ("topic", "mood"):
         s, r = summary[latent], [x for n, x in res.items() if n.startswith(latent)]
         row[latent] = {"owned": s["owned"], "of": s["of"], "P": s["mean_P_next"], "R": s["mean_R_next"],
@@ -83,19 +89,24 @@ def run_row(name, cfg):
                        "base": sum(x["truth"][0] for x in r) / len(r), "truth": sum(x["truth"][1] for x in r) / len(r),
                        "regex": sum(x["regex"][1] for x in r) / len(r),
                        "kept": sum(x["other_kept"] for x in r) / len(r)}
+        if res_all:
+            r = [x for n, x in res_all.items() if n.startswith(latent + " ")]
+            row[latent]["all"] = sum(x["truth"][1] for x in r) / len(r)
     return row
 
 
 def table(rows):
-    lines = ["| row | loss | topics owning a code | topic code P / R (neuron P) | topic steered: truth (regex) | mood "
-             "owning | mood code P / R (neuron P) | mood steered: truth (regex) | other latent kept |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | loss (in context) | topics owning a code | topic code P / R (neuron P) | topic steered: truth "
+             "(regex; all codes) | moods owning | mood code P / R (neuron P) | mood steered: truth (regex; all codes) | "
+             "other latent kept |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         t, m = r["topic"], r["mood"]
-        lines.append(f"| {ROWS[name][0]} | {r['loss']:.3f} | {t['owned']} / {t['of']} | {t['P']:.2f} / {t['R']:.2f} "
-                     f"({t['neuron_P']:.2f}) | {100 * t['truth']:.0f} % ({100 * t['regex']:.0f} %) | {m['owned']} / "
-                     f"{m['of']} | {m['P']:.2f} / {m['R']:.2f} ({m['neuron_P']:.2f}) | {100 * m['truth']:.0f} % "
-                     f"({100 * m['regex']:.0f} %) | {100 * t['kept']:.0f} % / {100 * m['kept']:.0f} % |")
+        alls = [f"; {100 * x['all']:.0f} %" if "all" in x else "" for x in (t, m)]
+        lines.append(f"| {ROWS[name][0]} | {r['loss']:.3f} ({r['loss_in_context']:.3f}) | {t['owned']} / {t['of']} | "
+                     f"{t['P']:.2f} / {t['R']:.2f} ({t['neuron_P']:.2f}) | {100 * t['truth']:.0f} % "
+                     f"({100 * t['regex']:.0f} %{alls[0]}) | {m['owned']} / {m['of']} | {m['P']:.2f} / {m['R']:.2f} "
+                     f"({m['neuron_P']:.2f}) | {100 * m['truth']:.0f} % ({100 * m['regex']:.0f} %{alls[1]}) | "
+                     f"{100 * t['kept']:.0f} % / {100 * m['kept']:.0f} % |")
     return "\n".join(lines)
 
 
@@ -103,6 +114,8 @@ def main(argv):
     cfg = parse_config(argv, StudyConfig)
     rows = {name: run_row(name, cfg) for name in split_list(cfg.rows)}
     print(table(rows))
+    print("baselines (no forcing): topic " + ", ".join(f"{100 * r['topic']['base']:.1f} %" for r in rows.values())
+          + "; mood " + ", ".join(f"{100 * r['mood']['base']:.1f} %" for r in rows.values()))
 
 
 if __name__ == "__main__":

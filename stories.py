@@ -463,7 +463,7 @@ def code_truth(col, wt):
     return out
 
 
-def best_per_value(tables, books):
+def best_per_value(tables):
     """For each value of a latent, its best code over all books by F1 where it decides the next word:
     [(book, code, P, R)], one per value."""
     from evaluate import f1
@@ -486,12 +486,10 @@ def summarize(tables, wt, model=None, tokens=None, batch_size=64):
     from evaluate import mlp_neurons, neuron_baseline
 
     summary = {}
-    story_value = {}
     for latent, names in LATENTS.items():
         sid = wt["story"].reshape(-1) - wt["story"].min()
         value = torch.zeros(int(sid.max()) + 1, dtype=torch.long).scatter_(0, sid, wt[latent].reshape(-1))  # (S,)
-        story_value[latent] = value
-        best = best_per_value(tables[latent], None)
+        best = best_per_value(tables[latent])
         rows = []
         for v, (b, c, p, r) in enumerate(best):
             t = tables[latent][b]

@@ -50,6 +50,7 @@ def test_cpu_path_reports_every_run(checked):
         assert torch.load(out / name / "ckpt.pt", map_location="cpu", weights_only=False)["iter_num"] == 6
 
 
+@pytest.mark.slow
 def test_resume_check_names_a_difference(checked, tmp_path):
     out, _ = checked
     gc = gpu_check_module()

@@ -160,6 +160,7 @@ def read(trained):
             s.bypass = True
 
 
+@pytest.mark.slow
 def test_bypassed_saes_leave_the_model_untouched_and_spliced_ones_reconstruct(trained, read):
     model, fsm, saes, cfg, (x, y, plain) = trained
     assert all(s.bypass for s in saes)
@@ -175,6 +176,7 @@ def test_bypassed_saes_leave_the_model_untouched_and_spliced_ones_reconstruct(tr
     assert swap["all"]["success"] > swap["none"]["success"]  # B's latents move A's next state towards B's
 
 
+@pytest.mark.slow
 def test_neurons_are_read_on_the_model_without_saes(trained, read):
     """Both neuron baselines of readouts (at each state's latent recall, and at recall 0.9) are the neurons of the
     model itself, here a copy with the SAEs deleted, not of the model with layer 0's SAE spliced in."""
@@ -197,6 +199,7 @@ def test_neurons_are_read_on_the_model_without_saes(trained, read):
     assert res["neurons_at_recall_0.9"]["mean_precision"] == pytest.approx(at_09.mean().item())
 
 
+@pytest.mark.slow
 def test_patched_latents_are_decoded(trained):
     """Inside patched_latents the SAE decodes the kept latents at the chosen positions and its own elsewhere."""
     model, fsm, saes, cfg, _ = trained

@@ -78,6 +78,7 @@ def test_topic_steering_mechanics():
     assert res["dragon"]["steered"] == 1.0 and res["dragon"]["baseline"] < 0.5
 
 
+@pytest.mark.slow
 def test_cli_language_model_topics_and_ablation(tmp_path, capsys):
     """The TinyStories path end to end on a tiny random model and a toy token file: mechanics only."""
     data = write_lm_dataset(tmp_path / "data", "Once upon a time there was a dragon and a king. " * 40)

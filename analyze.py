@@ -38,7 +38,9 @@ from typing import Optional
 import torch
 
 import report
-from evaluate import dictionary_metrics, eval_batches, mlp_neurons, neuron_baseline, reference_loss
+import stories
+from evaluate import (dictionary_metrics, eval_batches, f1, mlp_neurons, neuron_baseline, precision_recall,  # noqa: F401
+                      reference_loss)
 from fsm import TokFSM
 from model import load_run
 from plumbing.configuration import ConfigError, is_device, is_out_dir, is_regex, parse_config, spec, validate
@@ -109,32 +111,10 @@ def code_stats(codes, num_codes):
             "effective": 2**h}
 
 
-def precision_recall(codes, labels, num_labels, num_codes):
-    """Codes as detectors of labels, at N positions.
-
-    Args:
-        codes: (N, k) code ids chosen at each position (-1 = none); labels: (N,) in [0, num_labels).
-    Returns:
-        counts (L, M): positions with label l where code c fired; precision (L, M) = counts / positions where
-        c fired; recall (L, M) = counts / positions with label l. Undefined ratios are 0.
-    """
-    codes, labels = codes.long(), labels.long()
-    ok = codes >= 0  # (N, k)
-    flat = (labels.unsqueeze(1) * num_codes + codes.clamp(min=0))[ok]
-    counts = torch.bincount(flat, minlength=num_labels * num_codes).view(num_labels, num_codes)
-    fired = counts.sum(0, keepdim=True)  # (1, M): a code fires at most once per position
-    per_label = torch.bincount(labels, minlength=num_labels).unsqueeze(1)  # (L, 1)
-    return counts, counts / fired.clamp(min=1), counts / per_label.clamp(min=1)
-
-
 def owners(P, R, labels):
     """(L,) bools: the labels that own a code (P >= 0.9 and R >= 0.9), and the labels present in `labels` (N,)."""
     seen = torch.bincount(labels, minlength=P.size(0)) > 0
     return ((P >= 0.9) & (R >= 0.9)).any(1) & seen, seen
-
-
-def f1(p, r):
-    return torch.where(p + r > 0, 2 * p * r / (p + r), torch.zeros_like(p))
 
 
 def by_f1(found, n):
@@ -346,8 +326,9 @@ def main(argv):
         if fsm:
             summary, tables, concepts = fsm_analysis(col, fsm, model, model.lm_head.weight.device, cfg.batch_size)
             report.fsm_summary(out, summary, tables)
-        else:
-            concepts = report_regex(out, cfg, col, tok)
+        else:  # the story language's truth (stories.py), else --regex
+            concepts = (stories.report_truth(out, col, model, cfg.dataset or tc["dataset"], cfg.batch_size)
+                        or report_regex(out, cfg, col, tok))
         row_strs = report.fsm_strs(fsm) if fsm else lambda row: [tok(t) for t in row]
         report.write_browser(os.path.join(out, "browser.html"), col, row_strs, stats, concepts, cfg.html_codes,
                              cfg.contexts, title=f"codes of {cfg.out_dir} (iteration {ckpt['iter_num']})")

@@ -231,6 +231,29 @@ def reference_loss(ref_dir, train_config, model, batches, device):
     return mean_ce(ref, batches)[0]
 
 
+# ---------------------------------------------------------------------------------------------- codes as detectors
+def precision_recall(codes, labels, num_labels, num_codes):
+    """Codes as detectors of labels, at N positions.
+
+    Args:
+        codes: (N, k) code ids chosen at each position (-1 = none); labels: (N,) in [0, num_labels).
+    Returns:
+        counts (L, M): positions with label l where code c fired; precision (L, M) = counts / positions where
+        c fired; recall (L, M) = counts / positions with label l. Undefined ratios are 0.
+    """
+    codes, labels = codes.long(), labels.long()
+    ok = codes >= 0  # (N, k)
+    flat = (labels.unsqueeze(1) * num_codes + codes.clamp(min=0))[ok]
+    counts = torch.bincount(flat, minlength=num_labels * num_codes).view(num_labels, num_codes)
+    fired = counts.sum(0, keepdim=True)  # (1, M): a code fires at most once per position
+    per_label = torch.bincount(labels, minlength=num_labels).unsqueeze(1)  # (L, 1)
+    return counts, counts / fired.clamp(min=1), counts / per_label.clamp(min=1)
+
+
+def f1(p, r):
+    return torch.where(p + r > 0, 2 * p * r / (p + r), torch.zeros_like(p))
+
+
 # ---------------------------------------------------------------------------------------------- single neurons
 @torch.no_grad()
 def mlp_neurons(model, tokens, rows, cols, batch_size=256, device="cpu"):

@@ -19,6 +19,11 @@ own training text, chosen by counting alone: the words that most often follow a 
 their, my, your, its, our), past the adjectives and set phrases of NOT_TOPICS ("the little cat" counts "cat"),
 plurals folded into their singular; each becomes the topic `\bword(s)?\b`.
 
+On a run of the story language (stories.py; its dataset has val_truth.npz) every topic and mood is found and steered
+against the truth instead (stories_main below): each value's best code by F1 where it decides the next word, steered
+as above (prompts stories.PROMPTS, one story per sample) and scored by the value's regex and by the grammar, with the
+other latent's change beside it, then the same with the best single MLP neuron forced; stories.json holds the tables.
+
 Outputs in save_dir (default <out_dir>/topics, replaced as a whole when complete): topic_codes.json
 ({topic: ["BOOK:CODE", ...]}, best first), concepts.json (both rankings with their numbers) and steering.json
 (rates and samples).
@@ -28,13 +33,16 @@ import json
 import os
 import re
 from collections import Counter
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from analyze import collect_codes, precision_recall, regex_mask
+import stories
+from analyze import collect_codes, f1, precision_recall, regex_mask
 from model import load_run
 from plumbing.configuration import ConfigError, is_device, is_out_dir, parse_config, spec, split_list, validate
 from plumbing.entry import cli
@@ -194,6 +202,138 @@ def find(cfg, ckpt, model, codec, topics):
     return found
 
 
+# ---------------------------------------------------------------------------------------------- the story language
+def steer_latents(model, lang, chosen, per_prompt=10, max_new_tokens=90, temperature=1.0, seed=0, mode="one",
+                  prompts=stories.PROMPTS):
+    """Table 3's protocol on the story language: per target, 4 prompts x per_prompt samples at `temperature`,
+    without and with its codes forced at every prompt and generated token (steer.generate, mode "one" or "all"),
+    each sample read up to its first end-of-text token (one story), scored twice.
+
+    Args:
+        chosen: {(latent, value index): [(codebook, group, code)], or a function returning a context manager within
+            which the model is steered (e.g. forced_neuron)}; lang: a stories.StoryLanguage.
+    Returns:
+        ({"topic dragon": {"regex": (baseline, steered), "truth": (baseline, steered), "other_kept": paired fraction,
+        "other_tv": total variation, "n": samples}}, {"baseline" or target: [text]}). regex: the sample matches
+        stories.regex_of(latent, value); truth: lang.latent_of_text gives the sample the value; other_kept: among the samples whose
+        other latent is defined with and without forcing, the fraction where it is the same (the same seed and row,
+        so the same random draws: forcing that leaves the other latent alone keeps it); other_tv: total variation
+        between the other latent's distributions with and without forcing (-1, undefined, counts as a value).
+    """
+    def sample(force):
+        out = []
+        for i, p in enumerate(prompts):
+            prompt = [lang.eot] + (lang.encode(p) if p else [])
+            with force() if callable(force) else nullcontext():
+                rows = generate(model, prompt, per_prompt, max_new_tokens, temperature, seed + i,
+                                force=() if callable(force) else force, mode=mode)
+            for row in rows[:, 1:].tolist():  # (n, len(prompt) - 1 + max_new_tokens)
+                gen = row[len(prompt) - 1:]
+                out.append(row[: len(prompt) - 1 + (gen.index(lang.eot) if lang.eot in gen else len(gen))])
+        return out
+
+    base = sample(())
+    base_lat = np.array([lang.latent_of_text(x)[:2] for x in base])  # (n, 2) topic, mood; -1 undefined
+    samples, res = {"baseline": [lang.decode(x) for x in base]}, {}
+    for (latent, v), force in chosen.items():
+        ids = sample(force)
+        lat = np.array([lang.latent_of_text(x)[:2] for x in ids])
+        j, o = (0, 1) if latent == "topic" else (1, 0)
+        pat = re.compile(stories.regex_of(latent, v))
+        texts = [lang.decode(x) for x in ids]
+        both = (lat[:, o] >= 0) & (base_lat[:, o] >= 0)
+        n_other = len(stories.LATENTS["topic" if o == 0 else "mood"])
+        hist = lambda a: np.bincount(a + 1, minlength=n_other + 1) / len(a)  # noqa: E731
+        name = f"{latent} {stories.LATENTS[latent][v]}"
+        res[name] = {"regex": (float(np.mean([bool(pat.search(t)) for t in samples["baseline"]])),
+                               float(np.mean([bool(pat.search(t)) for t in texts]))),
+                     "truth": (float(np.mean(base_lat[:, j] == v)), float(np.mean(lat[:, j] == v))),
+                     "other_kept": float(np.mean(lat[both, o] == base_lat[both, o])) if both.any() else float("nan"),
+                     "other_tv": float(0.5 * np.abs(hist(lat[:, o]) - hist(base_lat[:, o])).sum()), "n": len(ids)}
+        samples[name] = texts
+    return res, samples
+
+
+@contextmanager
+def forced_neuron(model, layer, neuron, value):
+    """Within the block, MLP neuron `neuron` of layer `layer` (after the GELU, as evaluate.mlp_neurons reads it) is
+    set to `value` at every token: the single-neuron counterpart of forcing a code."""
+    def hook(module, inputs, output):
+        output = output.clone()
+        output[..., neuron] = value
+        return output
+
+    handle = model.transformer.h[layer].mlp.gelu.register_forward_hook(hook)
+    try:
+        yield model
+    finally:
+        handle.remove()
+
+
+def print_steering(res, codes):
+    """Table 3's shape: per target, its code and the rates without and with it forced, by regex and by truth."""
+    print(f"\n  {'target':16s} {'code':22s} {'regex':>15s} {'truth':>15s}  other latent kept (paired), TV")
+    for name, r in ((n, r) for n, r in res.items() if n != "neurons"):
+        print(f"  {name:16s} {codes.get(name, '-'):22s} {100 * r['regex'][0]:5.1f}% -> {100 * r['regex'][1]:5.1f}% "
+              f"{100 * r['truth'][0]:5.1f}% -> {100 * r['truth'][1]:5.1f}%  {100 * r['other_kept']:5.1f}%, "
+              f"{r['other_tv']:.2f}")
+    for latent in stories.LATENTS:
+        rows = [r for n, r in res.items() if n.startswith(latent + " ")]
+        if rows:
+            print(f"  mean over {len(rows)} {latent} values: regex {100 * np.mean([r['regex'][1] for r in rows]):.1f}%, "
+                  f"truth {100 * np.mean([r['truth'][1] for r in rows]):.1f}% (baseline "
+                  f"{100 * np.mean([r['truth'][0] for r in rows]):.1f}%), other latent kept "
+                  f"{100 * np.nanmean([r['other_kept'] for r in rows]):.1f}%")
+
+
+def stories_main(cfg, model, data_dir):
+    """topics.py on a stories run: every code against the truth, each topic's and mood's best codes (by F1 where it
+    decides the next word; or --topic_codes), steered by `steer_latents`; outputs as topics.py's (module docstring
+    there) plus stories.json (the code tables)."""
+    lang, T = stories.StoryLanguage(), model.config.block_size
+    val = load_tokens(data_dir, T, model.config.vocab_size)[1]
+    rows = max(1, min(cfg.batch_size, 2**26 // (T * model.config.vocab_size)))
+    col = collect_codes(model, [x for x, _ in lm_batches(val, T, cfg.max_tokens, rows)], next(model.parameters()).device)
+    col["books"] = model.books()
+    wt = stories.window_truth(stories.load_truth(data_dir), col["tokens"].long(), val)
+    tables = stories.code_truth(col, wt)
+    summary = stories.summarize(tables, wt, model, col["tokens"], cfg.batch_size)
+    stories.print_summary(summary)
+    if cfg.topic_codes:
+        named = read_json(cfg.topic_codes, "topic codes", "write it again with topics.py")
+    else:  # each value's best codes by F1, over every book
+        named = {}
+        for latent, names in stories.LATENTS.items():
+            for v, n in enumerate(names):
+                scored = [(f1(t["next"][1][v], t["next"][2][v])[c].item(), f"{b}:{c}") for b, t in tables[latent].items()
+                          for c in range(t["next"][1].shape[1])]
+                named[f"{latent} {n}"] = [x for _, x in sorted(scored, reverse=True)[: cfg.codes_per_topic]]
+    chosen = {}
+    for latent, names in stories.LATENTS.items():
+        for v, n in enumerate(names):
+            codes = named.get(f"{latent} {n}")
+            if not isinstance(codes, list) or not all(isinstance(x, str) for x in codes):
+                raise ConfigError(f"{cfg.topic_codes}: no list of \"BOOK:CODE\" for {latent} {n!r}: write it again")
+            chosen[(latent, v)] = parse_codes(model, ",".join(codes[: cfg.codes_per_topic]))
+    res, samples = {}, {}
+    if cfg.steer:
+        res, samples = steer_latents(model, lang, chosen, cfg.samples_per_prompt, min(cfg.max_new_tokens,
+                                     lang.max_story_tokens()), cfg.temperature, cfg.seed, cfg.mode)
+        print_steering(res, {k: ",".join(v[: cfg.codes_per_topic]) for k, v in named.items()})
+        neurons = {(latent, v): (lambda n=x["neuron"]: forced_neuron(model, n["layer"], n["index"], n["max"]))
+                   for latent in stories.LATENTS for v, x in enumerate(summary[latent]["values"])}
+        res["neurons"], samples["neurons"] = steer_latents(model, lang, neurons, cfg.samples_per_prompt, min(
+            cfg.max_new_tokens, lang.max_story_tokens()), cfg.temperature, cfg.seed, cfg.mode)
+        print("\nthe best single MLP neuron of each value (at its code's recall) forced to its largest activation:")
+        print_steering(res["neurons"], {f"{latent} {x['value']}": f"h.{x['neuron']['layer']}.mlp neuron {x['neuron']['index']}"
+                                        for latent in stories.LATENTS for x in summary[latent]["values"]})
+    with staged_dir(cfg.save_dir, "topics") as out:
+        for name, obj in (("topic_codes", named), ("stories", summary), ("steering", {"results": res, "samples": samples})):
+            with open(os.path.join(out, f"{name}.json"), "w") as f:
+                json.dump(obj, f, indent=1)
+    print(f"wrote {cfg.save_dir}: topic_codes.json, stories.json, steering.json")
+
+
 def main(argv):
     cfg = parse_config(argv, TopicsConfig)
     ckpt, model = load_run(cfg.out_dir, cfg.device)
@@ -203,6 +343,8 @@ def main(argv):
     data = cfg.dataset or ckpt["train_config"]["dataset"]
     codec = load_tokenizer(data)[0]
     check_topics(cfg, model.config, data, cfg.device)  # sizes that cannot fit stop here
+    if stories.load_truth(data) is not None:  # the story language: every topic and mood, scored against its truth
+        return stories_main(cfg, model, data)
     topics = parse_topics(cfg.topics)
     if cfg.frequent:  # counted on the training text, before any steering
         train = load_tokens(data, model.config.block_size, model.config.vocab_size)[0]

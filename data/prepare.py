@@ -1,10 +1,12 @@
 """
-Tokenize TinyStories or WikiText-103 into flat uint16 token files for train.py's language-model path
-(Codebook Features, Section 5: 1-layer TinyStories models, and Pythia finetuned on WikiText-103).
+Tokenize TinyStories or WikiText-103 (or write the generated story language of stories.py) into flat uint16 token
+files for train.py's language-model path (Codebook Features, Section 5: 1-layer TinyStories models, and Pythia
+finetuned on WikiText-103).
 
     python data/prepare.py tinystories   # downloads TinyStories-{train,valid}.txt (HF roneneldan/TinyStories)
     python data/prepare.py wikitext      # downloads wikitext-103-v1 (HF `datasets` if installed, else the zip)
     python data/prepare.py pythia --model=EleutherAI/pythia-70m-deduped   # weights for train.py --init_from
+    python data/prepare.py stories       # the generated story language (stories.py), offline, in seconds
 
 From local files, offline, e.g. the copies in ../shared/data (run from the repository root):
 
@@ -39,6 +41,12 @@ Documents:
   downloaded), the splits are train/valid/test as published. Given only --valid and --test (the shared
   copies), valid is split by article: every 10th article (the 10th, 20th, ...) goes to val, the other 90%
   to train; test stays test.
+
+`stories` writes stories of the generated language (stories.py; --train_stories, --val_stories, --seed): its
+word-level tokenizer.json (the "neox" kind), train.bin and val.bin as above, and val_truth.npz, the truth of every
+val token (np.load: topic, mood int8 per token, indices into its arrays `topics` and `moods`; topic_next, mood_next
+bool: the next token is written by a topic or a mood slot), aligned with val.bin token for token. Train and val are
+drawn from the seeds (seed, 0) and (seed, 1) of numpy's generator, so they differ.
 
 `pythia` fetches config.json, the weights (model.safetensors, else pytorch_model.bin) and tokenizer.json of a
 Hugging Face GPT-NeoX repo into --out (default data/<name>, e.g. data/pythia-70m-deduped), the directory that
@@ -242,7 +250,7 @@ def tokenizer_file(name, path, downloads):
 
 
 # ---------------------------------------------------------------------------------------------- main
-DATASETS = ("tinystories", "wikitext", "pythia")
+DATASETS = ("tinystories", "wikitext", "pythia", "stories")
 
 
 def _is_file(path):
@@ -260,6 +268,9 @@ class PrepareConfig:
     tokenizer: Optional[str] = spec(None, check=_is_file)  # r50k_base.tiktoken (tinystories), tokenizer.json (wikitext)
     model: str = ""  # pythia: a HF repo, e.g. EleutherAI/pythia-70m-deduped
     out: Optional[str] = spec(None, check=is_out_dir)  # default data/<dataset>, or data/<model name> for pythia
+    train_stories: int = spec(50_000, ">= 1")  # stories: stories in train.bin (~63 tokens each)
+    val_stories: int = spec(2_000, ">= 1")  # stories: stories in val.bin
+    seed: int = spec(0, ">= 0")  # stories: seed of the generator
 
     def __post_init__(self):
         validate(self)
@@ -318,6 +329,8 @@ def prepare(dataset, args):
         raise ConfigError("--model is for `pythia`; tinystories and wikitext take text files")
     out = args.out or os.path.join(here, dataset)
     claim(out, "dataset", "out")  # before any download: no other kind, no user's folder
+    if dataset == "stories":
+        return prepare_stories(args, out)
     downloads = os.path.join(os.path.dirname(os.path.abspath(out)), "downloads")  # kept across runs
     sources = sources_of(dataset, args, downloads)
     name = "gpt2" if dataset == "tinystories" else "neox"
@@ -345,6 +358,34 @@ def prepare(dataset, args):
             print(f"{s}: {n_doc:,} documents, {n_tok:,} tokens -> {os.path.join(out, s + '.bin')}")
         with atomic_write(os.path.join(tmp, "meta.json")) as f:
             json.dump(meta, f, indent=2)
+    return meta
+
+
+def prepare_stories(args, out):
+    """The generated story language into out (see the module docstring); returns meta."""
+    if any(getattr(args, f) for f in ("train", "val", "valid", "test", "tokenizer")):
+        raise ConfigError("stories are generated: drop --train/--val/--valid/--test/--tokenizer (use --train_stories, "
+                          "--val_stories, --seed)")
+    from stories import StoryLanguage, save_truth
+
+    lang = StoryLanguage(args.seed)
+    with staged_dir(out, "dataset") as tmp:
+        with open(os.path.join(tmp, "tokenizer.json"), "w") as f:
+            f.write(lang.tokenizer_json())
+        meta = dict(dataset="stories", tokenizer="neox", tokenizer_file="tokenizer.json", vocab_size=lang.vocab_size,
+                    eot_token=lang.eot, dtype="uint16", tokens={}, documents={}, seed=args.seed,
+                    entropy_floor=lang.entropy_floor()[0], truth="val_truth.npz",
+                    split=f"generated: train from seed ({args.seed}, 0), val from ({args.seed}, 1)")
+        for i, (s, n) in enumerate((("train", args.train_stories), ("val", args.val_stories))):
+            st = lang.sample(n, seed=[args.seed, i])
+            st.tokens.astype(np.uint16).tofile(os.path.join(tmp, f"{s}.bin"))
+            meta["tokens"][s], meta["documents"][s] = int(st.tokens.size), n
+            if s == "val":
+                save_truth(os.path.join(tmp, "val_truth.npz"), st)
+            print(f"{s}: {n:,} stories, {st.tokens.size:,} tokens -> {os.path.join(out, s + '.bin')}")
+        with atomic_write(os.path.join(tmp, "meta.json")) as f:
+            json.dump(meta, f, indent=2)
+    print(f"entropy floor of the language: {meta['entropy_floor']:.4f} nats/token (python stories.py)")
     return meta
 
 

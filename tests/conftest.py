@@ -108,3 +108,7 @@ def same_state(a, b, where="checkpoint"):
             same_state(x, y, f"{where}[{i}]")
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a test that takes more than ~5 s (deselect with -m 'not slow')")

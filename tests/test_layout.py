@@ -12,7 +12,7 @@ OWN = sorted(set(glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(
                  + glob.glob(os.path.join(ROOT, "scripts", "*.py")) + glob.glob(os.path.join(ROOT, "data", "*.py"))
                  + glob.glob(os.path.join(ROOT, "config", "*.py"))))
 METHOD = ["fsm.py", "codebook.py", "model.py", "train.py", "steer.py", "analyze.py", "evaluate.py", "pythia.py",
-          "sample.py", "sae.py", "topics.py", "report.py", "bench.py"]
+          "sample.py", "sae.py", "topics.py", "report.py", "bench.py", "stories.py"]
 
 
 def lines(path):

@@ -2,7 +2,8 @@
 parsed against its script's configs (keys, types, ranges, presets, paths), and every one that runs offline on a CPU
 is run, in order (README.md, then RESULTS.md, whose commands read runs the README's make), in a copy of the
 repository (with ../shared beside it), with settings appended that make it tiny. Blocks
-whose first line is a comment naming the network, a GPU or scripts/fsm_table.py (whose runs they read), torchrun
+whose first line is a comment naming the network, a GPU, scripts/fsm_table.py or scripts/stories_study.py (whose
+runs they read), torchrun
 commands and CUDA devices are parsed only."""
 
 import os
@@ -59,7 +60,7 @@ def readme_commands():
     out = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         lines = block.replace("\\\n", " ").splitlines()
-        runs = not (lines and lines[0].startswith("#") and re.search(r"network|GPU|fsm_table", lines[0]))
+        runs = not (lines and lines[0].startswith("#") and re.search(r"network|GPU|fsm_table|stories_study", lines[0]))
         for line in lines:
             for cmd in line.split("&&"):
                 words = shlex.split(cmd, comments=True)

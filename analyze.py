@@ -7,11 +7,10 @@ count them, match them to concepts (FSM states, regexes over text) and compare t
     python analyze.py --out_dir=out-tinystories --regex=" dragon"  # an LM run: concept search for a regex
     python analyze.py --out_dir=out --ref_dir=out-nocb             # + loss recovered against a run without codebooks
 
-Outputs in save_dir (default <out_dir>/analysis), written to a temporary directory that replaces save_dir as a
-whole only when every output is complete: codes.pt (token ids and chosen code ids, int16/int32, reloadable with
-torch.load), stats.json, freq.png, browser.html; for TokFSM also fsm.json, fsm_tables.pt, heatmap.png,
-neurons.png; for an LM with --regex also concepts.json; report.py writes and draws them. topics.py finds topic
-codes in language models. Codes are read per "book" (model.py's names): `h.1.mlp`, or `h.0.attn_heads:2`.
+Outputs in save_dir (default <out_dir>/analysis), replacing it as a whole only when all are complete: codes.pt
+(token ids and chosen code ids, int16/int32, for torch.load), stats.json, freq.png, browser.html (the offline code
+explorer, report.py); TokFSM: fsm.json, fsm_tables.pt, heatmap.png, neurons.png; an LM with --regex: concepts.json.
+topics.py finds topic codes in language models. Codes are read per "book": `h.1.mlp`, or `h.0.attn_heads:2`.
 
 TokFSM concepts (D digits per state; position t >= 1 of a sequence holds digit (t-1) % D of state (t-1) // D):
 - "state S": read at the LAST digit of each state (t - 1 = D*i + D - 1); the label is state i, the state the
@@ -65,8 +64,10 @@ class AnalyzeConfig:
     batch_size: int = spec(256, ">= 1")  # sequences per forward (LM: fewer, so that the logits stay within 256 MiB)
     regex: str = spec("", check=is_regex)  # LM: rank codes as detectors of the tokens this regex matches
     top: int = spec(5, ">= 1")  # codes listed per concept
-    html_codes: int = spec(100, ">= 0")  # codes per book in the browser (the most frequent)
-    contexts: int = spec(3, ">= 0")  # contexts shown per code
+    html_codes: int = spec(1000, ">= 0")  # explorer: codes per book with their logit effect (the most frequent)
+    contexts: int = spec(5, ">= 0")  # explorer: top contexts shown per code
+    html_mb: float = spec(8.0, "> 0")  # explorer: page size cap in MiB, met by embedding fewer rows of token positions
+    html_books: str = ""  # explorer: books or codebooks in it, comma-separated (h.1.mlp,h.0.attn_heads:2); "" = all
     ref_dir: str = ""  # a run without codebooks on the same data: its loss is L_ref of recovered_vs_ref (evaluate.py)
     device: str = spec("auto", check=is_device)
 
@@ -278,7 +279,7 @@ def report_regex(out, cfg, col, tok):
     for b, name, g, cb in col["books"]:
         counts, P, R = precision_recall(col["codes"][name][:, :, g].reshape(-1, cb.k), target.reshape(-1).long(), 2,
                                         cb.num_codes)
-        for c, x in top_concepts(counts[1:], P[1:], R[1:], [cfg.regex], 1).items():
+        for c, x in top_concepts(counts[1:], P[1:], R[1:], [f"regex {json.dumps(cfg.regex)}"], 1).items():
             concepts.setdefault(b, {})[c] = x
     return concepts
 
@@ -299,6 +300,7 @@ def collect(cfg, model, batches):
 def main(argv):
     cfg = parse_config(argv, AnalyzeConfig)
     ckpt, model = load_run(cfg.out_dir, cfg.device)
+    report.explorer_books(cfg.html_books, model.books())  # an unknown book stops here
     if not model.codebooks():
         raise ConfigError(f"{cfg.out_dir} has no codebooks (codebook_sites={model.config.codebook_sites!r}): "
                           "nothing to analyse; train with codebooks")
@@ -330,8 +332,8 @@ def main(argv):
             concepts = (stories.report_truth(out, col, model, cfg.dataset or tc["dataset"], cfg.batch_size)
                         or report_regex(out, cfg, col, tok))
         row_strs = report.fsm_strs(fsm) if fsm else lambda row: [tok(t) for t in row]
-        report.write_browser(os.path.join(out, "browser.html"), col, row_strs, stats, concepts, cfg.html_codes,
-                             cfg.contexts, title=f"codes of {cfg.out_dir} (iteration {ckpt['iter_num']})")
+        report.write_browser(os.path.join(out, "browser.html"), col, row_strs, stats, concepts, model=model, caps=cfg,
+                             title=f"codes of {cfg.out_dir} (iteration {ckpt['iter_num']})")
     print(f"\nwrote {cfg.save_dir}: codes.pt, stats.json, freq.png, browser.html" +
           (", fsm.json, fsm_tables.pt, heatmap.png, neurons.png" if fsm else ", concepts.json" if cfg.regex else ""))
 

@@ -1,35 +1,23 @@
 """
-Presentation of analyze.py's results: an offline HTML code browser (each code's frequency, best concepts and the
-contexts where it fires) and matplotlib plots (code frequencies, the state x code heatmap, codes against neurons,
-the paper's Fig. 6a), written into the analysis directory by `python analyze.py`; the table of steer.py's FSM swap.
-Nothing here computes a result.
+Presentation of analyze.py's results: the code explorer, one offline HTML page (assets/explorer.html with the data
+inlined: search, sort, filter and read every code; its only computations are each code's best token and logit
+effect) and matplotlib plots (code frequencies, the state x code heatmap, codes against neurons, the paper's Fig. 6a),
+written into the analysis directory by `python analyze.py`; the table of steer.py's FSM swap.
 """
 
+import base64
 import html
 import json
 import os
 
 import torch
 
+from plumbing.configuration import ConfigError
 from plumbing.entry import require
+from plumbing.files import atomic_write
 
-def occurrences(codes, code, n, seed=0):
-    """Up to n (row, position) where `code` fires in codes (rows, T, k): best-ranked slot first, then random."""
-    hits = (codes == code).nonzero()  # (m, 3): row, position, slot
-    if len(hits) == 0:
-        return []
-    order = torch.randperm(len(hits), generator=torch.Generator().manual_seed(seed))
-    hits = hits[order][hits[order][:, 2].argsort(stable=True)]
-    return [(int(r), int(t)) for r, t, _ in hits[:n]]
-
-
-def context_html(strs, t, before=12, after=3):
-    """A context window of token strings with token t marked."""
-    lo, hi = max(0, t - before), min(len(strs), t + after + 1)
-    esc = [html.escape(s).replace("\n", "&#8629;") for s in strs[lo:hi]]  # newlines as arrows: one line each
-    lead = esc[t - lo][: len(esc[t - lo]) - len(esc[t - lo].lstrip())]  # leading spaces stay outside the mark
-    esc[t - lo] = f"{lead}<mark>{esc[t - lo].lstrip()}</mark>"
-    return ("&hellip;" if lo > 0 else "") + "".join(esc)
+EXPLORER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "explorer.html")
+LOGIT_TOKENS = 6  # tokens listed per code on each side of its logit effect
 
 
 def fsm_strs(fsm):
@@ -38,43 +26,143 @@ def fsm_strs(fsm):
                         for t, x in enumerate(row)]
 
 
-def write_browser(path, col, row_strs, stats, concepts=None, n_codes=100, n_ctx=3, title="codes"):
-    """A static, self-contained HTML code browser: per book, the most frequent codes with their frequency,
-    top contexts (the firing token marked) and best concepts.
+def explorer_books(names, books):
+    """The rows of model.books() that `names` selects: comma-separated books (`h.0.attn_heads:2`) or codebooks
+    (`h.0.attn_heads`, every head); "" selects all. Raises ConfigError naming an unknown name and the choices."""
+    if not names.strip():
+        return list(books)
+    want = [n.strip() for n in names.split(",") if n.strip()]
+    for n in want:
+        if not any(n in (book, site) for book, site, _, _ in books):
+            raise ConfigError(f"--html_books: no book or codebook {n!r}; this model has "
+                              f"{', '.join(dict.fromkeys(s for _, s, _, _ in books))} (a head: SITE:HEAD)")
+    return [b for b in books if b[0] in want or b[1] in want]
 
-    concepts: {book: [(code -> list of (name, precision, recall))]} as a dict of dicts, or None."""
-    css = ("body{font:13px sans-serif;margin:1em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
-           "padding:2px 6px;vertical-align:top}mark{background:#fd4;font-weight:bold}.ctx{font-family:monospace;"
-           "white-space:pre}summary{font-weight:bold;cursor:pointer;margin-top:.5em}")
-    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{css}</style>"
-           f"</head><body><h1>{html.escape(title)}</h1><p>"
-           + " &middot; ".join(f"<a href='#{html.escape(b)}'>{html.escape(b)}</a>" for b, _, _, _ in col["books"])
-           + "</p><p>Each code: how often it was chosen, the concepts it detects best (precision / recall), and contexts "
-           "where it fired (the token marked).</p>"]
-    strs_cache = {}
-    for book, site, g, cb in col["books"]:
+
+def intern_rows(tokens, row_strs):
+    """(strings, ids (n, T) int32): each position's display string, as an index into a table of distinct strings."""
+    table = {}
+    ids = [[table.setdefault(s, len(table)) for s in row_strs(row)] for row in tokens.tolist()]
+    return list(table), torch.tensor(ids, dtype=torch.int32).view(tokens.shape)
+
+
+def token_concepts(text, codes, num_codes, strs):
+    """{code: [('token "s"', P, R)]}: per used code, the display string it detects best by F1 at all positions.
+
+    text: (N,) string ids; codes: (N, k) code ids (-1 = none). P = #(code fires on s) / #(code fires),
+    R = #(code fires on s) / #(s), as analyze.precision_recall, with the strings as labels."""
+    ok = codes >= 0  # (N, k)
+    S = len(strs)
+    pair = (codes.long().clamp(min=0) * S + text.long().unsqueeze(1))[ok]
+    keys, n = pair.unique(return_counts=True)
+    code, s = keys // S, keys % S
+    fired = torch.bincount(codes[ok].long(), minlength=num_codes)
+    per_str = torch.bincount(text.long(), minlength=S)
+    P, R = n / fired[code], n / per_str[s]
+    f = 2 * P * R / (P + R)
+    best = torch.full((num_codes,), -1.0, dtype=f.dtype).scatter_reduce(0, code, f, "amax")
+    pick = (f == best[code]).nonzero().flatten()
+    out = {}
+    for c, i, p, r in zip(code[pick].tolist(), s[pick].tolist(), P[pick].tolist(), R[pick].tolist()):
+        out.setdefault(c, [(f"token {json.dumps(strs[i])}", p, r)])  # one per code: the first of any ties
+    return out
+
+
+@torch.no_grad()
+def logit_effects(model, site, g, cb, ids, n=LOGIT_TOKENS, chunk=256):
+    """The direct logit effect of codes: each code's vector as written into the residual stream (a head's code through
+    its slice of attn.c_proj; a group's code in its slice of n_embd), centred and scaled by ln_f's gain, then through
+    the unembedding (lm_head). LayerNorm's division by the residual's norm is left out, so values compare codes'
+    directions, not sizes (as sae_vis and Neuronpedia do for decoder rows). Biases are left out.
+
+    ids: (m,) code ids of the book (site, g). Returns (top ids (m, n), top values, bottom ids, bottom values)."""
+    layer, kind = int(site.split(".")[1]), site.split(".")[2]
+    W, ln = model.lm_head.weight.float(), model.transformer.ln_f
+    parts = []
+    for c in ids.split(chunk):
+        v = cb.codes[g, c].float()  # (m, d)
+        if kind == "attn_heads":  # (C, d) columns of c_proj that read head g
+            v = v @ model.transformer.h[layer].attn.c_proj.weight[:, g * v.shape[1]:(g + 1) * v.shape[1]].float().T
+        elif cb.groups > 1:
+            v = torch.nn.functional.pad(v, (g * v.shape[1], (cb.groups - g - 1) * v.shape[1]))  # (m, C)
+        v = (v - v.mean(-1, keepdim=True)) * ln.weight.float()  # (m, C)
+        logits = v @ W.T  # (m, V)
+        top, bot = logits.topk(min(n, W.shape[0])), logits.topk(min(n, W.shape[0]), largest=False)
+        parts.append((top.indices, top.values, bot.indices, bot.values))
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def b64(t):
+    """{"dtype", "b64"}: a tensor as little-endian bytes for the page (int16, int32 or float32)."""
+    t = t.contiguous().flatten()
+    return {"dtype": str(t.dtype).replace("torch.", ""), "b64": base64.b64encode(t.numpy().tobytes()).decode()}
+
+
+def explorer_data(col, row_strs, stats, concepts, model, n_codes, books):
+    """The page's data except its token positions: strings, per book its counts and statistics, concepts (those of
+    analyze.py and each code's best token), and the logit effects of the n_codes most frequent codes per book."""
+    strs, text = intern_rows(col["tokens"], row_strs)  # (n, T) ids into strs
+    table = {s: i for i, s in enumerate(strs)}
+    vocab = lambda t: table.setdefault(row_strs([t])[0], len(table))  # noqa: E731  a token id's string
+    out, merged = {"books": []}, {}
+    for book, site, g, cb in books:
         codes = col["codes"][site][:, :, g]  # (n, T, k)
-        st = stats[book]
-        counts, total = st["counts"], max(1, int(st["counts"].sum()))
-        out.append(f"<details open id='{html.escape(book)}'><summary>{html.escape(book)}: {int((counts > 0).sum())} of {cb.num_codes} codes "
-                   f"used ({st['dead_pct']:.1f}% dead), usage entropy {st['entropy_bits']:.2f} bits</summary>"
-                   "<table><tr><th>code</th><th>count</th><th>freq</th><th>best concepts (P / R)</th><th>contexts</th></tr>")
-        for c in counts.argsort(descending=True)[:n_codes].tolist():
-            if counts[c] == 0:
-                break
-            ctxs = []
-            for r, t in occurrences(codes, c, n_ctx):
-                if r not in strs_cache:
-                    strs_cache[r] = row_strs(col["tokens"][r].tolist())
-                ctxs.append(f"<div class=ctx>{context_html(strs_cache[r], t)}</div>")
-            con = "<br>".join(f"{html.escape(n)} ({p:.2f} / {rc:.2f})" for n, p, rc in (concepts or {}).get(book, {}).get(c, []))
-            out.append(f"<tr id='{html.escape(book)}-{c}'><td>{c}</td><td>{int(counts[c])}</td>"
-                       f"<td>{100 * counts[c] / total:.2f}%</td><td>{con}</td><td>{''.join(ctxs)}</td></tr>")
-        out.append("</table></details>")
-    out.append("</body></html>")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(out))
+        st, entry = stats[book], {}
+        found = token_concepts(text.flatten(), codes.reshape(-1, cb.k), cb.num_codes, strs)
+        for c in set(found) | set((concepts or {}).get(book, {})):
+            merged.setdefault(book, {})[str(c)] = [[n, round(p, 4), round(r, 4)] for n, p, r in
+                                                   (concepts or {}).get(book, {}).get(c, []) + found.get(c, [])]
+        used = st["counts"].argsort(descending=True)[:n_codes]
+        used = used[st["counts"][used] > 0]
+        if model is not None and len(used):
+            ti, tv, bi, bv = logit_effects(model, site, g, cb, used)
+            entry["logits"] = {str(c): [[vocab(t) for t in ti[j].tolist()], [round(x, 3) for x in tv[j].tolist()],
+                                        [vocab(t) for t in bi[j].tolist()], [round(x, 3) for x in bv[j].tolist()]]
+                               for j, c in enumerate(used.tolist())}
+        entry.update(name=book, site=site, layer=int(site.split(".")[1]), group=g, M=cb.num_codes, k=cb.k,
+                     counts=b64(st["counts"].to(torch.int32)), dead_pct=st["dead_pct"], entropy=st["entropy_bits"],
+                     effective=st["effective"], logit_codes=len(used) if model is not None else 0)
+        out["books"].append(entry)
+    out.update(strs=list(table), concepts=merged)
+    return out, text
 
+
+def write_browser(path, col, row_strs, stats, concepts=None, n_codes=1000, n_ctx=5, title="codes", model=None,
+                  html_mb=8.0, books="", out_dir="out", caps=None):
+    """The code explorer: one self-contained HTML page (assets/explorer.html with the data inlined; no network) to
+    find, sort, filter and read every code of the chosen books. Returns its size in bytes.
+
+    col: analyze.py's collection (tokens (n, T), codes {site: (n, T, G, k)}, books); row_strs: a row's token ids ->
+    display strings; stats: {book: analyze.code_stats}; concepts: {book: {code: [(name, P, R)]}} or None;
+    n_codes: codes per book with logit effects (the most frequent; needs `model`); n_ctx: contexts shown per code;
+    html_mb: the page's size cap, met by embedding only as many whole rows of token positions as fit (counts,
+    concepts and logit effects come from every row); books: explorer_books' selection; out_dir: the run, for the
+    steer.py commands; caps: an AnalyzeConfig whose html_codes, contexts, html_mb, html_books and out_dir replace
+    those five. Raises ConfigError for unknown books."""
+    if caps is not None:
+        n_codes, n_ctx, html_mb, books, out_dir = caps.html_codes, caps.contexts, caps.html_mb, caps.html_books, caps.out_dir
+    chosen = explorer_books(books, col["books"])
+    data, text = explorer_data(col, row_strs, stats, concepts, model, n_codes, chosen)
+    n, T = col["tokens"].shape
+    fixed = len(json.dumps(data)) + 200_000  # + the template, generously
+    per_row = T * (4 + sum(cb.k * (2 if cb.num_codes <= 32767 else 4) for _, _, _, cb in chosen)) * 4 / 3
+    rows = max(1, min(n, int((html_mb * 2**20 - fixed) // per_row)))
+    small = len(data["strs"]) <= 32767
+    data.update(text=b64(text[:rows].to(torch.int16 if small else torch.int32)), rows=rows, n=n, T=T, title=title,
+                n_ctx=n_ctx, n_codes=n_codes, html_mb=html_mb, out_dir=out_dir, books_total=len(col["books"]))
+    for entry, (_, site, g, _) in zip(data["books"], chosen):
+        entry["codes"] = b64(col["codes"][site][:rows, :, g])  # (rows, T, k) int16 or int32
+    with open(EXPLORER, encoding="utf-8") as f:
+        head, tail = f.read().replace("__TITLE__", html.escape(title)).split("__DATA__")
+    body = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")  # nothing in it can close the script
+    size = len((head + body + tail.replace("__BYTES__", "0" * 12)).encode())
+    with atomic_write(path) as f:
+        f.write(head + body + tail.replace("__BYTES__", f"{size:12d}"))
+    over = size > html_mb * 2**20  # the list of codes, concepts and logit effects alone are over the cap
+    print(f"{os.path.basename(path)}: {size / 2**20:.1f} MiB, {len(chosen)} of {len(col['books'])} books, token "
+          f"positions of {rows} of {n} rows (--html_mb={html_mb:g}" + ("; over it even so: lower --html_codes or "
+                                                                      "choose fewer --html_books)" if over else ")"))
+    return size
 
 
 def pyplot():

@@ -48,6 +48,7 @@ TINY = {
     "sae.py": ["--steps=5", "--num_latents=16", "--num_seqs=32", "--pairs=10"],
     "bench.py": ["--repeats=1", "--mem=false", "--only=generate"],  # tests/test_bench.py runs every part, shrunk
     "scripts/random_pythia.py": ["--size=tiny"],
+    "scripts/explorer_bench.py": ["--num_codes=200", "--rows=8", "--T=16"],
 }
 
 
@@ -154,6 +155,8 @@ def test_readme_commands_run(tmp_path):
         script, args = script_and_args(words)
         if script in ("scripts/fault_trials.py", "scripts/fsm_table.py"):  # long; test_reliability runs the first
             continue
+        if script == "scripts/explorer_bench.py" and (shutil.which("chromium") or shutil.which("chromium-browser")) is None:
+            continue  # a browser benchmark; without a browser tests/test_explorer.py says what to install
         cmd = [sys.executable, script, *tiny(script, args)]
         r = subprocess.run(cmd, cwd=repo, env=ENV, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, f"{' '.join(words)}\n{r.stderr[-3000:]}"

@@ -1,16 +1,17 @@
 """The story language (stories.py): a 1-layer model with k=1 codebooks on its attention heads, the paper's
-TinyStories setting (Section 5) scaled down to a laptop, trained in a few minutes on 2 CPU cores.
+TinyStories setting (Section 5) scaled down to a laptop (20.7 minutes on 2 CPU cores shared with other jobs).
 
     python data/prepare.py stories            # once: data/stories/{train,val}.bin, val_truth.npz (seconds)
     python train.py config/stories.py
     python analyze.py --out_dir=out-stories   # codes against the truth (topic, mood)
     python topics.py --out_dir=out-stories    # steer each topic and mood with its best code (Table 3)
 
-1 layer, d=128, 4 heads of 32, block 128 (two stories of ~63 words), word-level tokens (226, padded to 256), tied
+1 layer, d=128, 4 heads of 32, block 128 (two stories of ~63 words), word-level tokens (227, padded to 256), tied
 embeddings. Codebooks on the attention heads as the paper's TinyStories models (the topic is carried by attention
-from the sentence that names it), k=1 of 64 codes per head: far fewer codes than tokens types so that a code can
-stand for a latent value rather than a word (RESULTS.md, "The story language": the study over num_codes and k).
-Batch 32 x 128 tokens, 1,500 steps (~1.5 M tokens, half an epoch), the codebooks switched on at step 200.
+from the sentence that names it), k=1 of 64 codes per head: fewer codes than token types, so that a code can
+stand for a latent value rather than a word (RESULTS.md, "The story language": a 256-code run also learned the mood).
+Batch 32 x 128 tokens, 1,500 steps (6.1 M tokens, two passes over the 3.1 M of train.bin), the codebooks switched
+on at step 200.
 """
 
 config = dict(

@@ -32,6 +32,7 @@ ROWS = {  # name: (what changes, arguments of `python train.py config/stories.py
     "k4": ("64 codes per head, k=4", ["--k=4"]),
     "mlp": ("the MLP output, 64 codes, k=1", ["--codebook_sites=mlp"]),
     "2layers": ("2 layers, every head", ["--n_layer=2"]),
+    "heads8": ("8 heads of 16", ["--n_head=8"]),
 }
 
 

@@ -204,3 +204,10 @@ def test_train_analyze_steer_end_to_end(tmp_path):
     assert len(base) == 8 and base[2].startswith("Once") and base[4].startswith("Once upon a time,")
     codes = json.loads((out / "topics" / "topic_codes.json").read_text())
     assert set(codes) == {f"topic {t}" for t in TOPIC_NAMES} | {f"mood {m}" for m in MOOD_NAMES}
+    # bad topic codes: one error line, the earlier results kept
+    before = (out / "topics" / "steering.json").read_bytes()
+    (tmp_path / "codes.json").write_text(json.dumps({"topic dragon": ["h.0.attn_heads:0:1"]}))
+    one_line_error(run("topics.py", f"--out_dir={out}", f"--topic_codes={tmp_path / 'codes.json'}"), "princess")
+    (tmp_path / "codes.json").write_text(json.dumps({**codes, "topic dragon": ["h.0.attn_heads:9:1"]}))
+    one_line_error(run("topics.py", f"--out_dir={out}", f"--topic_codes={tmp_path / 'codes.json'}"), "h.0.attn_heads:9")
+    assert (out / "topics" / "steering.json").read_bytes() == before

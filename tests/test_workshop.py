@@ -601,9 +601,9 @@ def test_notebook_runs_end_to_end_with_the_answers(tmp_path):
                 os.environ[k] = v
     text = "\n".join(o.get("text", "") + o.get("data", {}).get("text/plain", "")
                      for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert text.count("correct:") == 8, text
+    assert text.count("correct:") == 10, text
     for said in ("entropy floor", "states owning a code of h.0.mlp", "with your layer", "h.0.attn_heads", "forced",
-                 "TopK SAE", "single neurons", "TinyStories"):
+                 "TopK SAE", "single neurons", "TinyStories", "topic dragon", "begun as a cake story"):
         assert said in text, said
     assert "Error" not in text and "Traceback" not in text
 

@@ -822,3 +822,14 @@ def test_story_codes_reads_a_story_model(tmp_path):
     assert torch.equal(run["codes"]["h.0.attn_heads:1"], cb.last_indices[:, :, 1, 0].reshape(-1).long())
     with pytest.raises(ValueError, match="no codebooks"):
         workshop.story_codes(GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, codebook_sites="")), str(data))
+
+
+def test_training_plot_of_a_language_model_shows_accuracy():
+    """A story run's evaluations have no valid transitions: the third panel is its next-token accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    recs = [{"iter": 100, "ce": 3.0}, {"iter": 400, "eval": {"loss": 0.8, "acc": 0.7, "fvu": 0.15}}]
+    fig = workshop.plot_training({"story model": recs}, switch=200, floor=0.5)
+    ax3 = fig.axes[2]
+    assert ax3.get_title() == "next-token accuracy" and list(ax3.lines[0].get_ydata()) == [70.0]

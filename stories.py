@@ -86,8 +86,8 @@ BODY = ["One day , {name} went to the {place} .", "{name} saw a {adj} {noun} .",
         "{name} wanted to play with the {noun} .", "{Pron} felt very {adj_m} .", "{Pron} {act} and {verb} all day .",
         "Then , {pron} found a {noun} near the {place} .", "The {noun} was {adj} and {adj} .",
         "Every day , {pron} {act} .", "A {animal} came to see the {key} .",
-        "After that , {pron} played with a {toy} and {act} .", "It was a {adj_m} day .", "{name} {verb} with the {key} .",
-        "So {pron} {act} again .", "{name} was {adj_m} ."]
+        "After that , {pron} played with a {toy} and {act} .", "It was a {adj_m} day .",
+        "{name} {verb} with the {key} .", "So {pron} {act} again .", "{name} was {adj_m} ."]
 ENDINGS = ["From that day on , {name} was always {adj_m} .", "In the end , {pron} {act} with the {key} ."]
 BODY_MIN, BODY_MAX = 3, 6
 TOPIC_SLOTS, MOOD_SLOTS, COPIES = ("noun", "place", "verb", "key"), ("adj_m", "act"), ("name", "pron", "Pron")
@@ -98,7 +98,8 @@ Stories.__doc__ = """Sampled stories as one token stream, each story followed by
 but logp is an (N,) numpy array over the stream's tokens: tokens (int64 ids), topic and mood (int64: the story's
 latents, indices into TOPIC_NAMES and MOOD_NAMES), topic_next and mood_next (bool: the next token is written by a topic
 or a mood slot; False at the last token), topic_seen and mood_seen (bool: the token is, or follows, the first word of
-its story that the latent wrote: the topic's key, the opening's mood), story (int64: the story's index). logp: (n,) float64, ln p of each story."""
+its story that the latent wrote: the topic's key, the opening's mood), story (int64: the story's index).
+logp: (n,) float64, ln p of each story."""
 TOPIC_NAMES, MOOD_NAMES = list(TOPICS), list(MOODS)
 
 
@@ -177,7 +178,8 @@ class StoryLanguage:
             h = 0.0
             for kind, s in f:
                 if kind == "slot" and s not in COPIES and s != "key" and s != "kid":
-                    sizes = [len(self.slot_words(s, t, m, "girl")) for t in range(len(TOPICS)) for m in range(len(MOODS))]
+                    sizes = [len(self.slot_words(s, t, m, "girl"))
+                             for t in range(len(TOPICS)) for m in range(len(MOODS))]
                     h += float(np.mean(np.log(sizes)))
             return h, len(f)
 
@@ -199,7 +201,7 @@ class StoryLanguage:
         if not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"n must be a positive number of stories, got {n!r}")
         rng = self.rng if seed is None else np.random.default_rng(seed)
-        cols = {k: [] for k in ("tokens", "topic", "mood", "topic_next", "mood_next", "topic_seen", "mood_seen", "story")}
+        cols = {k: [] for k in Stories._fields if k != "logp"}
         logp = np.zeros(n)
         for i in range(n):  # a loop over stories, each a few dozen tokens
             ids, kinds, logp[i], topic, mood = self._story(rng)
@@ -418,7 +420,8 @@ def window_truth(truth, tokens, val):
     from plumbing.configuration import ConfigError
 
     n, T = tokens.shape
-    if len(truth["topic"]) < n * T or not np.array_equal(np.asarray(val[: n * T], np.int64), tokens.reshape(-1).numpy()):
+    same = len(truth["topic"]) >= n * T and np.array_equal(np.asarray(val[: n * T], np.int64), tokens.reshape(-1).numpy())
+    if not same:
         raise ConfigError("the codes were not read on this dataset's val.bin from its start: collect them again "
                           "without --codes, with this dataset")
     wt = {k: torch.from_numpy(truth[k][: n * T].astype(np.int64).reshape(n, T))
@@ -463,16 +466,15 @@ def code_truth(col, wt):
     return out
 
 
-def best_per_value(tables, books):
+def best_per_value(tables):
     """For each value of a latent, its best code over all books by F1 where it decides the next word:
     [(book, code, P, R)], one per value."""
     from evaluate import f1
 
     best = []
     for v in range(next(iter(tables.values()))["next"][1].shape[0]):
-        cands = [(f1(t["next"][1][v], t["next"][2][v]).max().item(), b, int(f1(t["next"][1][v], t["next"][2][v]).argmax()))
-                 for b, t in tables.items()]
-        _, b, c = max(cands)
+        scores = {b: f1(t["next"][1][v], t["next"][2][v]) for b, t in tables.items()}  # {book: (M,)}
+        _, b, c = max((x.max().item(), b, int(x.argmax())) for b, x in scores.items())
         best.append((b, c, tables[b]["next"][1][v, c].item(), tables[b]["next"][2][v, c].item()))
     return best
 
@@ -486,16 +488,15 @@ def summarize(tables, wt, model=None, tokens=None, batch_size=64):
     from evaluate import mlp_neurons, neuron_baseline
 
     summary = {}
-    story_value = {}
     for latent, names in LATENTS.items():
         sid = wt["story"].reshape(-1) - wt["story"].min()
         value = torch.zeros(int(sid.max()) + 1, dtype=torch.long).scatter_(0, sid, wt[latent].reshape(-1))  # (S,)
-        story_value[latent] = value
-        best = best_per_value(tables[latent], None)
+        best = best_per_value(tables[latent])
         rows = []
         for v, (b, c, p, r) in enumerate(best):
             t = tables[latent][b]
-            owned = any(((x["next"][1][v] >= 0.9) & (x["next"][2][v] >= 0.9)).any().item() for x in tables[latent].values())
+            owned = any(((x["next"][1][v] >= 0.9) & (x["next"][2][v] >= 0.9)).any().item()
+                        for x in tables[latent].values())
             dense = []  # (story precision, stories, book, code) of every code dense on some story
             for bk, x in tables[latent].items():
                 d = x["dense"]  # (S, M)
@@ -519,7 +520,8 @@ def summarize(tables, wt, model=None, tokens=None, batch_size=64):
             prec, neuron, _ = neuron_baseline(acts, wt[latent][r_, c_], torch.tensor([x["R_next"] for x in rows]))
             H = acts.shape[1] // len(model.transformer.h)
             for x, pn, nn in zip(rows, prec.tolist(), neuron.tolist()):  # its largest activation: the forcing value
-                x["neuron"] = {"neuron": nn, "layer": nn // H, "index": nn % H, "P_next": pn, "max": acts[:, nn].max().item()}
+                x["neuron"] = {"neuron": nn, "layer": nn // H, "index": nn % H, "P_next": pn,
+                               "max": acts[:, nn].max().item()}
         summary[latent] = {"values": rows, "owned": sum(x["owned"] for x in rows), "of": len(rows),
                            "tokens_next": int((wt[f"{latent}_next"] * wt[f"{latent}_known"]).sum()),
                            "tokens_next_unknown": int((wt[f"{latent}_next"] * (1 - wt[f"{latent}_known"])).sum()),
@@ -591,7 +593,7 @@ def report_truth(out, col, model, data_dir, batch_size=64):
             score = f1(P, R)  # (L, M)
             for c in (counts.sum(0) > 0).nonzero().flatten().tolist():
                 concepts.setdefault(book, {}).setdefault(c, []).extend(
-                    (f"{latent} {names[v]}", P[v, c].item(), R[v, c].item(), score[v, c].item()) for v in range(len(names)))
+                    (f"{latent} {n}", P[v, c].item(), R[v, c].item(), score[v, c].item()) for v, n in enumerate(names))
     return {b: {c: [x[:3] for x in sorted(f, key=lambda x: -x[3])[:2] if x[3] > 0] for c, f in cs.items()}
             for b, cs in concepts.items()}
 

@@ -215,9 +215,9 @@ def steer_latents(model, lang, chosen, per_prompt=10, max_new_tokens=90, tempera
     Returns:
         ({"topic dragon": {"regex": (baseline, steered), "truth": (baseline, steered), "other_kept": paired fraction,
         "other_tv": total variation, "n": samples}}, {"baseline" or target: [text]}). regex: the sample matches
-        stories.regex_of(latent, value); truth: lang.latent_of_text gives the sample the value; other_kept: among the samples whose
-        other latent is defined with and without forcing, the fraction where it is the same (the same seed and row,
-        so the same random draws: forcing that leaves the other latent alone keeps it); other_tv: total variation
+        stories.regex_of(latent, value); truth: lang.latent_of_text gives the sample the value; other_kept: among the
+        samples whose other latent is defined with and without forcing, the fraction where it is the same (the same
+        seed and row, so the same random draws: forcing that leaves the other latent alone keeps it); other_tv: total variation
         between the other latent's distributions with and without forcing (-1, undefined, counts as a value).
     """
     def sample(force):
@@ -293,7 +293,8 @@ def stories_main(cfg, model, data_dir):
     lang, T = stories.StoryLanguage(), model.config.block_size
     val = load_tokens(data_dir, T, model.config.vocab_size)[1]
     rows = max(1, min(cfg.batch_size, 2**26 // (T * model.config.vocab_size)))
-    col = collect_codes(model, [x for x, _ in lm_batches(val, T, cfg.max_tokens, rows)], next(model.parameters()).device)
+    batches = [x for x, _ in lm_batches(val, T, cfg.max_tokens, rows)]
+    col = collect_codes(model, batches, next(model.parameters()).device)
     col["books"] = model.books()
     wt = stories.window_truth(stories.load_truth(data_dir), col["tokens"].long(), val)
     tables = stories.code_truth(col, wt)
@@ -325,10 +326,12 @@ def stories_main(cfg, model, data_dir):
         res["neurons"], samples["neurons"] = steer_latents(model, lang, neurons, cfg.samples_per_prompt, min(
             cfg.max_new_tokens, lang.max_story_tokens()), cfg.temperature, cfg.seed, cfg.mode)
         print("\nthe best single MLP neuron of each value (at its code's recall) forced to its largest activation:")
-        print_steering(res["neurons"], {f"{latent} {x['value']}": f"h.{x['neuron']['layer']}.mlp neuron {x['neuron']['index']}"
-                                        for latent in stories.LATENTS for x in summary[latent]["values"]})
+        print_steering(res["neurons"], {f"{latent} {x['value']}": f"h.{x['neuron']['layer']}.mlp neuron "
+                                        f"{x['neuron']['index']}" for latent in stories.LATENTS
+                                        for x in summary[latent]["values"]})
     with staged_dir(cfg.save_dir, "topics") as out:
-        for name, obj in (("topic_codes", named), ("stories", summary), ("steering", {"results": res, "samples": samples})):
+        steering = {"results": res, "samples": samples}
+        for name, obj in (("topic_codes", named), ("stories", summary), ("steering", steering)):
             with open(os.path.join(out, f"{name}.json"), "w") as f:
                 json.dump(obj, f, indent=1)
     print(f"wrote {cfg.save_dir}: topic_codes.json, stories.json, steering.json")

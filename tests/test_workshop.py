@@ -601,9 +601,9 @@ def test_notebook_runs_end_to_end_with_the_answers(tmp_path):
                 os.environ[k] = v
     text = "\n".join(o.get("text", "") + o.get("data", {}).get("text/plain", "")
                      for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert text.count("correct:") == 8, text
+    assert text.count("correct:") == 10, text
     for said in ("entropy floor", "states owning a code of h.0.mlp", "with your layer", "h.0.attn_heads", "forced",
-                 "TopK SAE", "single neurons", "TinyStories"):
+                 "TopK SAE", "single neurons", "TinyStories", "topic dragon", "begun as a cake story"):
         assert said in text, said
     assert "Error" not in text and "Traceback" not in text
 
@@ -725,3 +725,111 @@ def test_train_live_pins_the_runs_to_cpu_float32(monkeypatch, tmp_path):
     assert started == [["train.py", "--device=cpu", "--dtype=float32", f"--out_dir={tmp_path}"],
                        ["sae.py", "--steps=1"]]
     assert logs == {"a": [], "s": []}
+
+
+# ---------------------------------------------------------------------------------------------- 7.1, 7.2 the story language
+@pytest.mark.parametrize("mistake", [kw for kw, _ in workshop.BEST_CODE_MISTAKES], ids=str)
+def test_best_code_check_names_each_mistake(mistake):
+    says = dict((tuple(kw.items()), s) for kw, s in workshop.BEST_CODE_MISTAKES)[tuple(mistake.items())]
+    raises(workshop.check_best_code, lambda *a: workshop.best_code_reference(*a, **mistake), says[:60])
+
+
+def swapped_pr(*a):
+    c, p, r = sol.best_code(*a)
+    return c, r, p
+
+
+@pytest.mark.parametrize("wrong,says", [
+    (missing, "not answered yet"),
+    (swapped_pr, "in the order (code, precision, recall)"),
+    (lambda *a: sol.best_code(*a)[0], "returned one number; expected the 3 values"),
+    (lambda *a: None, "returned None"),
+    (lambda *a: (torch.tensor([0, 1]), 1.0, 1.0), "the code is a tensor of shape (2,)"),
+    (lambda *a: (5, 0.0, 0.0), "code 5 has F1 0.000 for value 1; code 0 has 0.556"),
+])
+def test_best_code_check(wrong, says):
+    raises(workshop.check_best_code, wrong, says)
+
+
+def test_best_code_answer_and_tensor_numbers():
+    assert workshop.best_code_reference(*workshop.best_code_case()) == pytest.approx((0, 5 / 6, 5 / 12))
+    assert "correct" in workshop.check_best_code(lambda *a: tuple(torch.tensor(x) for x in sol.best_code(*a)))
+
+
+def story_run():
+    """A story-language 'model's' codes and truth as story_codes returns them, made by hand: head 0's code t + 1
+    fires for topic t where the topic decides the next word, code 0 elsewhere; head 1 fires code 0 everywhere."""
+    g = torch.Generator().manual_seed(0)
+    N = 4000
+    topic = torch.randint(16, (N,), generator=g)
+    where = torch.rand(N, generator=g) < 0.3
+    h0 = torch.where(where, topic + 1, torch.zeros_like(topic))
+    h0[:20] = torch.where(where[:20], 40, h0[:20])  # a few misses
+    return {"codes": {"h.0.attn_heads:0": h0, "h.0.attn_heads:1": torch.zeros(N, dtype=torch.long)},
+            "topic": topic, "mood": torch.randint(4, (N,), generator=g), "topic_where": where,
+            "mood_where": torch.rand(N, generator=g) < 0.1, "N": N,
+            "num_codes": {"h.0.attn_heads:0": 64, "h.0.attn_heads:1": 64}}
+
+
+def test_best_code_on_a_story_run_and_best_codes():
+    run = story_run()
+    assert "correct" in workshop.check_best_code(sol.best_code, run, 3)
+    off = lambda codes, *a: sol.best_code(codes, *a) if codes.max() > 0 else (1, 0.0, 0.0)  # noqa: E731
+    raises(lambda fn: workshop.check_best_code(fn, run, 3), off, "code 1 of h.0.attn_heads:1 has F1")
+    found = workshop.best_codes(sol.best_code, run)
+    assert [(b, c) for _, b, c, _, _ in found] == [("h.0.attn_heads:0", t + 1) for t in range(16)]
+    assert found[0][0] == "dragon" and all(p == 1.0 for *_, p, _ in found)
+
+
+@pytest.mark.parametrize("answer,says", [("", "not answered yet"), (None, "not answered yet"),
+                                         ("unicorn", "'unicorn' is not a topic or mood"),
+                                         ("pirate", "'pirate' is not what h.0.attn_heads:0:4 detects")])
+def test_code_meaning_check(answer, says):
+    with pytest.raises(AssertionError, match=re.escape(says)):
+        workshop.check_code_meaning(answer, story_run(), "h.0.attn_heads:0", 4)
+
+
+def test_code_meaning_right_answer_and_solution(tmp_path):
+    run = story_run()  # code 4 of head 0 fires for topic 3 (rocket)
+    assert "correct: h.0.attn_heads:0:4 is topic rocket" in workshop.check_code_meaning("topic rocket", run,
+                                                                                          "h.0.attn_heads:0", 4)
+    (tmp_path / "stories.json").write_text(json.dumps({"topic": {"values": [{"value": "rocket", "book":
+                                                     "h.0.attn_heads:0", "code": 4}]}, "mood": {"values": []}}))
+    assert sol.code_meaning(str(tmp_path), "h.0.attn_heads:0", 4) == "rocket"
+    assert sol.code_meaning(str(tmp_path), "h.0.attn_heads:0", 5) == ""
+
+
+def test_story_codes_reads_a_story_model(tmp_path):
+    """story_codes on an untrained story-shaped model: every head's codes and the truth, aligned with val.bin."""
+    import stories
+    from plumbing.tokens import lm_batches, load_tokens
+
+    data = tmp_path / "stories"
+    r = subprocess.run([sys.executable, "data/prepare.py", "stories", f"--out={data}", "--train_stories=50",
+                        "--val_stories=40"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=32, vocab_size=256, num_codes=8,
+                          codebook_sites="attn_heads")).eval()
+    run = workshop.story_codes(model, str(data), max_tokens=512, batch_size=4)
+    assert set(run["codes"]) == {"h.0.attn_heads:0", "h.0.attn_heads:1"} and run["N"] == 512
+    truth = stories.load_truth(str(data))
+    assert torch.equal(run["topic"], torch.from_numpy(truth["topic"][:512].astype("int64")))
+    assert run["topic_where"].any() and not run["topic_where"].all()
+    x = torch.cat([b for b, _ in lm_batches(load_tokens(str(data), 32, 256)[1], 32, 512, 4)])
+    model(x)  # all 16 windows at once: the codes of head 1, in the same order
+    cb = dict(model.codebooks())["h.0.attn_heads"]
+    assert torch.equal(run["codes"]["h.0.attn_heads:1"], cb.last_indices[:, :, 1, 0].reshape(-1).long())
+    with pytest.raises(ValueError, match="no codebooks"):
+        workshop.story_codes(GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, codebook_sites="")), str(data))
+
+
+def test_training_plot_of_a_language_model_shows_accuracy():
+    """A story run's evaluations have no valid transitions: the third panel is its next-token accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    recs = [{"iter": 100, "ce": 3.0}, {"iter": 400, "eval": {"loss": 0.8, "acc": 0.7, "fvu": 0.15}}]
+    fig = workshop.plot_training({"story model": recs}, switch=200, floor=0.5)
+    ax3 = fig.axes[2]
+    assert ax3.get_title() == "next-token accuracy" and list(ax3.lines[0].get_ydata()) == [70.0]

@@ -774,7 +774,8 @@ def train_live(runs, switch=None, floor=None, every=2.0, then=None):
 
 
 def plot_training(logs, switch=None, floor=None):
-    """Three panels from {label: log records}: training cross-entropy, eval FVU, eval valid transitions."""
+    """Three panels from {label: log records}: training cross-entropy, eval FVU, eval valid transitions (TokFSM) or
+    next-token accuracy (a language model)."""
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 3.2))
@@ -786,7 +787,8 @@ def plot_training(logs, switch=None, floor=None):
         fv = [r for r in ev if r["eval"].get("fvu") is not None and math.isfinite(r["eval"]["fvu"])]
         if fv:
             ax2.plot([r["iter"] for r in fv], [r["eval"]["fvu"] for r in fv], "o-", color=c, label=name)
-        ax3.plot([r["iter"] for r in ev], [100 * r["eval"]["valid"] for r in ev], "o-", color=c, label=name)
+        key = "valid" if all("valid" in r["eval"] for r in ev) else "acc"  # a language model: next-token accuracy
+        ax3.plot([r["iter"] for r in ev], [100 * r["eval"].get(key, math.nan) for r in ev], "o-", color=c, label=name)
     if switch is not None:
         for ax in (ax1, ax2, ax3):
             ax.axvline(switch, color="grey", ls=":", lw=1)
@@ -796,7 +798,8 @@ def plot_training(logs, switch=None, floor=None):
         ax1.text(0, floor, "entropy floor", va="bottom", fontsize=8)
     ax1.set(xlabel="step", ylabel="nats/token", title="cross-entropy (training batches)")
     ax2.set(xlabel="step", ylabel="FVU", title="reconstruction: variance unexplained", ylim=(0, None))
-    ax3.set(xlabel="step", ylabel="%", title="valid transitions (sampled)", ylim=(0, 100))
+    lm = any("eval" in r and "valid" not in r["eval"] for recs in logs.values() for r in recs)
+    ax3.set(xlabel="step", ylabel="%", title="next-token accuracy" if lm else "valid transitions (sampled)", ylim=(0, 100))
     ax1.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -849,6 +852,219 @@ def tinystories_text(root=ROOT, timeout=3.0):
     return None, (f"no TinyStories text here and no download ({why}): on a machine with the network run this cell "
                   "again (it downloads TinyStories' validation file, 19 MB), or `python data/prepare.py tinystories` "
                   "to prepare the whole dataset for training")
+
+
+# ---------------------------------------------------------------------------------------------- the story language
+STORIES_DIR = os.path.join("data", "stories")  # data/prepare.py stories writes it (train.bin, val.bin, val_truth.npz)
+
+
+def story_data(root=ROOT, data_dir=STORIES_DIR):
+    """The story language's dataset for Section 7: runs `python data/prepare.py stories` (seconds) unless
+    root/data_dir already holds val_truth.npz; returns data_dir. Raises RuntimeError with the end of its stderr if
+    prepare.py fails."""
+    if os.path.isfile(os.path.join(root, data_dir, "val_truth.npz")):
+        return data_dir
+    r = subprocess.run([sys.executable, "data/prepare.py", "stories"], cwd=root, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"data/prepare.py stories failed: {r.stderr[-500:]}")
+    print(r.stdout.strip())
+    return data_dir
+
+
+def show_story(lang, s, i=0):
+    """Story i of a stories.Stories stream as text, each word that a topic slot wrote in [brackets] and each word a
+    mood slot wrote in {braces}, after its two labels."""
+    import numpy as np
+
+    import stories
+
+    idx = np.flatnonzero(s.story == i)
+    words = []
+    for j in idx:
+        w = lang.decode([s.tokens[j]]).strip()
+        prev_topic = j > 0 and s.topic_next[j - 1] and s.story[j - 1] == i  # the previous token says this one is a slot's
+        prev_mood = j > 0 and s.mood_next[j - 1] and s.story[j - 1] == i
+        words.append(f"[{w}]" if prev_topic else "{" + w + "}" if prev_mood else w)
+    return (f"topic {stories.TOPIC_NAMES[s.topic[idx[0]]]}, mood {stories.MOOD_NAMES[s.mood[idx[0]]]}: "
+            + " ".join(words))
+
+
+def story_codes(model, data_dir=STORIES_DIR, max_tokens=65_536, batch_size=64):
+    """The codes a story-language model chooses on consecutive windows of val.bin (as analyze.py and topics.py read
+    them), flattened, with the truth at each token (stories.window_truth).
+
+    Returns {"codes": {book: (N,) long, e.g. "h.0.attn_heads:3"}, "num_codes": {book: M}, "topic", "mood": (N,) long labels,
+    "topic_where", "mood_where": (N,) bool, the tokens where that latent decides the next word (the next word is a
+    slot's of that latent and the latent has been written in the window), "N": N}. Raises ValueError (one line) for
+    a model without codebooks or with k > 1 codes per token, ConfigError for a dataset without the truth."""
+    import stories
+    from plumbing.configuration import ConfigError
+    from plumbing.tokens import lm_batches, load_tokens
+
+    books = model.books()
+    if not books:
+        raise ValueError("this model has no codebooks: train the story model of Section 7 (config/stories.py)")
+    if any(cb.k != 1 for *_, cb in books):
+        raise ValueError("story_codes reads one code per token (k=1); this model sums k > 1")
+    truth = stories.load_truth(data_dir)
+    if truth is None:
+        raise ConfigError(f"{data_dir} has no val_truth.npz: it is not the story language (run story_data())")
+    T = model.config.block_size
+    val = load_tokens(data_dir, T, model.config.vocab_size)[1]
+    col = collect_codes(model, [x for x, _ in lm_batches(val, T, max_tokens, batch_size)],
+                        next(model.parameters()).device)
+    wt = stories.window_truth(truth, col["tokens"].long(), val)
+    out = {"codes": {book: col["codes"][site][:, :, g, 0].reshape(-1).long() for book, site, g, _ in books},
+           "num_codes": {book: cb.num_codes for book, _, _, cb in books}}
+    for latent in stories.LATENTS:
+        out[latent] = wt[latent].reshape(-1)
+        out[f"{latent}_where"] = (wt[f"{latent}_next"] * wt[f"{latent}_known"]).reshape(-1).bool()
+    out["N"] = len(out["topic"])
+    return out
+
+
+def best_code_reference(codes, labels, where, value, num_values, num_codes, count="where", rank="f1"):
+    """Exercise 7.1's answer, and the mistakes its check names: the code with the highest F1 for `value` at the
+    tokens `where`, as (code, precision, recall). count="all" counts every token; rank="precision" or "recall" ranks
+    by that alone."""
+    sel = where if count == "where" else torch.ones_like(where)
+    _, P, R = precision_recall(codes[sel].view(-1, 1), labels[sel], num_values, num_codes)
+    P, R = P[value], R[value]  # (M,)
+    score = {"f1": torch.where(P + R > 0, 2 * P * R / (P + R), torch.zeros_like(P)), "precision": P, "recall": R}[rank]
+    c = int(score.argmax())
+    return c, P[c].item(), R[c].item()
+
+
+BEST_CODE_MISTAKES = [
+    ({"count": "all"}, "counted over every token: count only where `where` is True, where the topic decides the next "
+                       "word (elsewhere a topic code has no reason to fire, and other codes do the work)"),
+    ({"rank": "precision"}, "ranked by precision alone: a code that fires once, on the topic, is precise by luck; "
+                            "rank by F1 = 2PR / (P + R), which needs both"),
+    ({"rank": "recall"}, "ranked by recall alone: a code that fires nearly everywhere finds every topic token; rank "
+                         "by F1 = 2PR / (P + R), which needs both"),
+]
+
+
+def best_code_case():
+    """A hand-made case for Exercise 7.1: (codes, labels, where, value=1, num_values=3, num_codes=6), where the right
+    answer (code 0: P 5/6, R 5/12) differs from each mistake of BEST_CODE_MISTAKES."""
+    rows = []  # (code, label, where, times)
+    rows += [(0, 1, True, 5), (0, 0, True, 1)]  # the topic's code at the tokens that need the topic
+    rows += [(1, 1, True, 1)]  # fires once, on the topic: precision 1, recall 1/12
+    rows += [(2, 1, True, 6), (2, 0, True, 15), (2, 2, True, 15)]  # fires everywhere: recall 1/2, precision 1/6
+    rows += [(4, 1, False, 40), (0, 0, False, 20), (3, 2, False, 10)]  # elsewhere: code 4 says the topic's words
+    codes = torch.tensor([c for c, _, _, n in rows for _ in range(n)])
+    labels = torch.tensor([v for _, v, _, n in rows for _ in range(n)])
+    where = torch.tensor([w for _, _, w, n in rows for _ in range(n)])
+    perm = torch.randperm(len(codes), generator=torch.Generator().manual_seed(0))
+    return codes[perm], labels[perm], where[perm], 1, 3, 6
+
+
+def _number(x, name):
+    """A Python number from an int, float or one-element tensor, or one line saying what came back."""
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        return x.item()
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return x
+    raise AssertionError(f"{name} is {_kind(x) if not isinstance(x, torch.Tensor) else f'a tensor of shape {tuple(x.shape)}'}"
+                         "; expected one number")
+
+
+def _check_best(fn, case, where_said=""):
+    codes, labels, where, value, L, M = case
+    got = _missing(fn, codes, labels, where, value, L, M)
+    if isinstance(got, (int, float, torch.Tensor)):
+        raise AssertionError(f"returned one {'tensor' if isinstance(got, torch.Tensor) else 'number'}; expected the 3 "
+                             "values (code, precision, recall)")
+    got = _parts(got, 3, "(code, precision, recall)")
+    c, p, r = _number(got[0], "the code"), _number(got[1], "the precision"), _number(got[2], "the recall")
+    if not isinstance(c, int) or not 0 <= c < M:
+        raise AssertionError(f"code {c!r}{where_said} is not a code: the codes are 0 to {M - 1}")
+    want = best_code_reference(*case)
+    if c != want[0]:
+        for kw, said in BEST_CODE_MISTAKES:
+            if best_code_reference(*case, **kw)[0] == c:
+                raise AssertionError(f"code {c}{where_said}: {said}")
+        _, P, R = precision_recall(codes[where].view(-1, 1), labels[where], L, M)
+        f = lambda i: 2 * P[value, i] * R[value, i] / (P[value, i] + R[value, i]) if P[value, i] + R[value, i] else 0  # noqa: E731
+        if f(c) < f(want[0]) - 1e-9:
+            raise AssertionError(f"code {c}{where_said} has F1 {float(f(c)):.3f} for value {value}; code {want[0]} has "
+                                 f"{float(f(want[0])):.3f}: return the code of highest F1")
+        want = (c, P[value, c].item(), R[value, c].item())  # a tie: the learner's code is as good
+    if abs(p - want[1]) > 1e-6 or abs(r - want[2]) > 1e-6:
+        swapped = abs(p - want[2]) < 1e-6 and abs(r - want[1]) < 1e-6
+        raise AssertionError(f"the right code {c}{where_said}, but precision {p:.4f} and recall {r:.4f} where they are "
+                             f"{want[1]:.4f} and {want[2]:.4f}" + (": in the order (code, precision, recall)" if swapped
+                                                                    else ", at the tokens `where`"))
+
+
+def check_best_code(fn, story=None, value=0):
+    """fn(codes (N,), labels (N,), where (N,) bool, value, num_values, num_codes) -> (code, precision, recall), the
+    code with the highest F1 for the value at the tokens `where`, against best_code_reference: on best_code_case
+    (where each mistake of BEST_CODE_MISTAKES gives another code) and, with story (story_codes), on every book of
+    the story model for topic `value`."""
+    _check_best(fn, best_code_case())
+    if story is None:
+        return "correct: the code of highest F1 at the tokens where the value decides the next word"
+    import stories
+
+    L = len(stories.TOPIC_NAMES)
+    for book, codes in story["codes"].items():
+        _check_best(fn, (codes, story["topic"], story["topic_where"], value, L, story["num_codes"][book]), f" of {book}")
+    return f"correct: the best code of every head for topic {stories.TOPIC_NAMES[value]}, as the reference finds it"
+
+
+def best_codes(fn, story, latent="topic"):
+    """Every value's best code over all books by the learner's best_code: [(value name, book, code, P, R)]."""
+    import stories
+
+    names = stories.LATENTS[latent]
+    out = []
+    for v, name in enumerate(names):
+        cands = []
+        for book, codes in story["codes"].items():
+            c, p, r = fn(codes, story[latent], story[f"{latent}_where"], v, len(names), story["num_codes"][book])
+            c, p, r = int(c), float(p), float(r)
+            cands.append((2 * p * r / (p + r) if p + r else 0.0, book, c, p, r))
+        _, book, c, p, r = max(cands)
+        out.append((name, book, c, p, r))
+    return out
+
+
+def check_code_meaning(answer, story, book, code):
+    """Exercise 7.2: `answer` (a string such as "pirate" or "topic pirate") names the topic or mood that code
+    `code` of `book` detects, by F1 where that latent decides the next word (what the explorer page's concept line
+    shows for it)."""
+    import stories
+
+    if not isinstance(answer, str) or not answer.strip():
+        raise AssertionError("not answered yet: set answer to the topic or mood the code detects, e.g. \"pirate\"")
+    best = []  # (F1, latent, value name)
+    for latent, names in stories.LATENTS.items():
+        codes = story["codes"][book]
+        w = story[f"{latent}_where"]
+        _, P, R = precision_recall(codes[w].view(-1, 1), story[latent][w], len(names), story["num_codes"][book])
+        F = torch.where(P + R > 0, 2 * P * R / (P + R), torch.zeros_like(P))[:, code]  # (L,)
+        v = int(F.argmax())
+        best.append((F[v].item(), latent, names[v], P[v, code].item(), R[v, code].item()))
+    f, latent, name, p, r = max(best)
+    said = answer.strip().lower().split()[-1]
+    if said == name:
+        return f"correct: {book}:{code} is {latent} {name} (precision {p:.2f}, recall {r:.2f} where it decides the next word)"
+    known = {n for names in stories.LATENTS.values() for n in names}
+    if said not in known:
+        raise AssertionError(f"{answer!r} is not a topic or mood of the story language: one of {', '.join(sorted(known))}")
+    raise AssertionError(f"{answer!r} is not what {book}:{code} detects: look it up again in the page (its concept "
+                         "line, and the words around its top contexts)")
+
+
+def steer_table(res):
+    """steer_latents' results as lines: target, regex and truth rates without -> with forcing, other latent kept."""
+    lines = [f"{'target':16s} {'regex':>17s} {'truth':>17s}  mood kept"]
+    for name, r in res.items():
+        lines.append(f"{name:16s} {100 * r['regex'][0]:6.1f}% -> {100 * r['regex'][1]:5.1f}% "
+                     f"{100 * r['truth'][0]:6.1f}% -> {100 * r['truth'][1]:5.1f}%  {100 * r['other_kept']:5.1f}%")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- figures

@@ -84,3 +84,27 @@ def sae_forward(x, W_enc, b_enc, W_dec, b_dec, k, var):
     z = torch.zeros_like(z_pre).scatter(1, top.indices, F.relu(top.values))  # (N, M), negative ones zeroed
     x_hat = z @ W_dec + b_dec  # (N, d)
     return x_hat, z, (x_hat - x).square().mean() / var
+
+
+def best_code(codes, labels, where, value, num_values, num_codes):
+    """Exercise 7.1: codes (N,) of one head, labels (N,) the story's topic at each token, where (N,) bool the tokens
+    where the topic decides the next word -> (code, precision, recall): the code with the highest F1 for `value`,
+    counted at those tokens only (Exercise 4.1's precision_recall there)."""
+    P, R = precision_recall(codes[where], labels[where], num_values, num_codes)
+    p, r = P[value], R[value]  # (M,)
+    f1 = torch.where(p + r > 0, 2 * p * r / (p + r), torch.zeros_like(p))
+    c = int(f1.argmax())
+    return c, p[c].item(), r[c].item()
+
+
+def code_meaning(analysis_dir, book, code):
+    """Exercise 7.2: what code `code` of `book` means, read from analyze.py's stories.json beside the explorer page:
+    the topic or mood whose best code (by F1 where it decides the next word) it is, else ""."""
+    import json
+    import os
+
+    with open(os.path.join(analysis_dir, "stories.json")) as f:
+        summary = json.load(f)
+    found = [x["value"] for latent in ("topic", "mood") for x in summary[latent]["values"]
+             if x["book"] == book and x["code"] == code]
+    return found[0] if found else ""

@@ -329,12 +329,17 @@ def stories_main(cfg, model, data_dir):
         print_steering(res["neurons"], {f"{latent} {x['value']}": f"h.{x['neuron']['layer']}.mlp neuron "
                                         f"{x['neuron']['index']}" for latent in stories.LATENTS
                                         for x in summary[latent]["values"]})
-    with staged_dir(cfg.save_dir, "topics") as out:
-        steering = {"results": res, "samples": samples}
-        for name, obj in (("topic_codes", named), ("stories", summary), ("steering", steering)):
+    write_json(cfg.save_dir, {"topic_codes": named, "stories": summary,
+                              "steering": {"results": res, "samples": samples}})
+
+
+def write_json(save_dir, outputs):
+    """Write {name: object} as save_dir/<name>.json, the directory replaced as a whole (rundir.staged_dir)."""
+    with staged_dir(save_dir, "topics") as out:
+        for name, obj in outputs.items():
             with open(os.path.join(out, f"{name}.json"), "w") as f:
                 json.dump(obj, f, indent=1)
-    print(f"wrote {cfg.save_dir}: topic_codes.json, stories.json, steering.json")
+    print(f"wrote {save_dir}: " + ", ".join(f"{name}.json" for name in outputs))
 
 
 def main(argv):
@@ -374,12 +379,8 @@ def main(argv):
         print(f"  {'topic':10s} {'baseline':>9s} {'steered':>8s}  code")
         for t, r in res.items():
             print(f"  {t:10s} {100 * r['baseline']:8.1f}% {100 * r['steered']:7.1f}%  {chosen[t] or '-'}")
-    with staged_dir(cfg.save_dir, "topics") as out:
-        steering = {"results": res, "samples": samples}
-        for name, obj in (("topic_codes", named), ("concepts", found), ("steering", steering)):
-            with open(os.path.join(out, f"{name}.json"), "w") as f:
-                json.dump(obj, f, indent=1)
-    print(f"wrote {cfg.save_dir}: topic_codes.json, concepts.json, steering.json")
+    write_json(cfg.save_dir, {"topic_codes": named, "concepts": found,
+                              "steering": {"results": res, "samples": samples}})
 
 
 if __name__ == "__main__":
